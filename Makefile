@@ -1,0 +1,33 @@
+# One entry point: `make demo` runs the main job offline on the embedded model, `make test` the test suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := runs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel first so that the range in pyproject.toml installs nothing larger.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/gisp-deploy prune examples/tiny-llama-gqa-19m --calib examples/data/train --out $(DEMO) --overwrite \
+		--samples 32 --seq-len 256 --batch-size 16 --steps 8 --max-sparsity 0.5
+	$(BIN)/gisp-deploy inspect $(DEMO) --sparsity 0.2,0.3,0.4,0.5 --plot $(DEMO)-widths.png
+	$(BIN)/gisp-deploy eval $(DEMO) --sparsity 0,0.2,0.4,0.5 --text examples/data/heldout/persuasion.txt.gz \
+		--max-tokens 16384
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/methods_table.py
+
+clean:
+	rm -rf runs $(VENV)

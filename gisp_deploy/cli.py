@@ -1,0 +1,223 @@
+"""The `gisp-deploy` command line: a thin layer over the library; each subcommand owns its options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="gisp-deploy", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="Prune once with GISP, then cut any sparsity out of one artifact at load time.\n\n"
+         "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
+         "  gisp-deploy inspect ARTIFACT --sparsity 0.2,0.4\n"
+         "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt")
+console = Console(stderr=True)
+EXPECTED_ERRORS = (ValueError, OSError, KeyError)
+
+
+def friendly(fn):
+    """Turn the library's validation errors into one red line and exit status 2, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except EXPECTED_ERRORS as e:
+            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def pass_reporter(progress: Progress):
+    def on_pass(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+    return on_pass
+
+
+PRUNE_EXAMPLES = """
+[bold]Examples[/]
+
+  # GISP on a local model, calibrated on local text, ranking covering up to 60% sparsity
+  gisp-deploy prune ./Llama-3-8B --calib data/c4-sample.txt.gz --out llama3-gisp
+
+  # the authors' reference setting (2000 x 256-token windows, 112 steps linear in structures, to 0.7)
+  gisp-deploy prune ./Llama-2-7b --calib c4/ --samples 2000 --seq-len 256 --batch-size 2 \\
+      --steps 112 --schedule structures --max-sparsity 0.7 --out llama2-gisp
+
+  # task-aligned calibration on multiple-choice JSONL ({"prompt", "choices", "answer"})
+  gisp-deploy prune ./model --objective margin --calib task.jsonl --out model-margin
+
+  # a baseline that writes the same ranking format
+  gisp-deploy prune ./model --method wanda-sp --calib data/ --out model-wanda
+
+  # continue a run that was killed
+  gisp-deploy prune ./model --calib data/ --out model-gisp --resume
+"""
+
+
+@app.command(epilog=PRUNE_EXAMPLES)
+@friendly
+def prune(
+    model: str = typer.Argument(..., help="Local Hugging Face model directory (or a hub name when online)."),
+    calib: List[str] = typer.Option([], "--calib", help="Calibration data: .txt/.txt.gz files, folders, or JSONL "
+                                    "(margin/answer objectives); repeat the option for several."),
+    out: Path = typer.Option(..., "--out", help="Artifact directory to write (atomically)."),
+    method: str = typer.Option("gisp", help="gisp | oneshot | wanda-sp | magnitude | random."),
+    objective: str = typer.Option("lm", help="lm (causal-LM loss) | margin (multiple choice) | answer (loss on answers)."),
+    unit: str = typer.Option("q_head", help="Attention unit: q_head (a query head) or kv_group (a KV head with its "
+                             "query heads)."),
+    steps: int = typer.Option(20, help="Iterative steps; gradients are recomputed on the masked model every step."),
+    max_sparsity: float = typer.Option(0.6, help="Parameter sparsity the ranking must cover."),
+    schedule: str = typer.Option("params", help="params: linear in removed parameters; structures: the reference's "
+                                 "linear in structure count."),
+    normalization: Optional[str] = typer.Option(None, help="reference (authors' block-wise constants) | params "
+                                                "(per scored weight) | none. Default: the method's own."),
+    protect_first: float = typer.Option(0.1, help="Never prune the first int(F x layers) layers."),
+    protect_last: int = typer.Option(1, help="Never prune the last N layers."),
+    samples: int = typer.Option(128, help="Calibration samples (windows, or JSONL records)."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration window."),
+    batch_size: int = typer.Option(16, help="Sequences per forward/backward."),
+    seed: int = typer.Option(0, help="Seed for window sampling and the random method."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."),
+    resume: bool = typer.Option(False, help="Continue an unfinished run with the same options from its last step."),
+    overwrite: bool = typer.Option(False, help="Replace an existing artifact at --out."),
+    copy_weights: bool = typer.Option(True, help="Copy the dense weights into the artifact; --no-copy-weights records "
+                                      "the source path and sha256 instead."),
+):
+    """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
+    from .methods import PruneConfig
+    from .prune_run import run_prune
+
+    cfg = PruneConfig(method=method, unit=unit, objective=objective, steps=steps, max_sparsity=max_sparsity,
+                      schedule=schedule, normalization=normalization, protect_first=protect_first,
+                      protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
+    with progress_bar() as progress:
+        summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
+                            copy_weights=copy_weights, on_pass=pass_reporter(progress),
+                            log=lambda m: progress.console.print(m))
+    console.print(
+        f"[green]wrote[/] {summary['artifact']}: {summary['method']}, {summary['covered']}/{summary['structures']} "
+        f"structures ranked, covers sparsity up to {summary['coverage']:.4f}; {summary['wall_s']:.1f} s, "
+        f"{summary['tokens_per_s']:.0f} tokens/s scored")
+
+
+INSPECT_EXAMPLES = """
+[bold]Examples[/]
+
+  gisp-deploy inspect llama3-gisp
+  gisp-deploy inspect llama3-gisp --sparsity 0.2,0.4,0.5 --plot widths.png
+  gisp-deploy inspect llama3-gisp --sparsity 0.4 --json > slice.json
+"""
+
+
+def default_sparsities(coverage: float) -> list[float]:
+    return [round(0.1 * k, 1) for k in range(1, 10) if 0.1 * k <= coverage + 1e-9]
+
+
+@app.command(epilog=INSPECT_EXAMPLES)
+@friendly
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    sparsity: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default: 0.1 steps up to coverage)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stable JSON description, with kept indices."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths across sparsities."),
+):
+    """Show what an artifact holds and the per-layer widths of its slices."""
+    from .inspection import describe, plot_widths, summary_table, width_table
+
+    from .artifact import load_artifact
+    from .ranking import parse_sparsities
+
+    art = load_artifact(artifact)
+    sps = parse_sparsities(sparsity) if sparsity else default_sparsities(art.ranking.coverage)
+    info = describe(art, sps)
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        out = Console()
+        out.print(summary_table(art))
+        out.print(width_table(art, info))
+    if plot:
+        plot_widths(art, sps, plot)
+        console.print(f"wrote {plot}")
+
+
+EVAL_EXAMPLES = """
+[bold]Examples[/]
+
+  gisp-deploy eval llama3-gisp --sparsity 0,0.2,0.4 --text heldout/persuasion.txt.gz
+  gisp-deploy eval llama3-gisp --sparsity 0.4 --text a.txt --text b.txt --seq-len 128,512 --json
+"""
+
+
+@app.command("eval", epilog=EVAL_EXAMPLES)
+@friendly
+def eval_(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    sparsity: str = typer.Option("0", help="Comma-separated sparsities; 0 is the dense model."),
+    text: List[Path] = typer.Option(..., "--text", help="Held-out text file(s) (.txt/.txt.gz); repeat for several."),
+    seq_len: str = typer.Option("128", help="Comma-separated context lengths (non-overlapping windows)."),
+    max_tokens: int = typer.Option(65536, help="Evaluate the first N tokens of each text (0: all)."),
+    batch_size: int = typer.Option(16, help="Windows per forward pass."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print {\"results\": [...]} as JSON on stdout."),
+):
+    """Held-out perplexity of slices of an artifact (the dense model with removed structures zeroed)."""
+    from .artifact import load_artifact
+    from .evaluate import evaluate_slices
+    from .prune_run import load_model, load_tokenizer, pick_device, pick_dtype
+    from .ranking import parse_sparsities
+
+    art = load_artifact(artifact)
+    sps = parse_sparsities(sparsity)
+    for s in sps:
+        art.ranking.prefix_length(s)  # refuse out-of-coverage sparsities before loading anything
+    lens = [int(x) for x in seq_len.split(",") if x]
+    if not lens or min(lens) < 2:
+        raise ValueError(f"--seq-len {seq_len!r}: give context lengths >= 2, e.g. 128,512")
+    dev = pick_device(device)
+    model = load_model(art.weights_dir, dev, pick_dtype(dtype, dev))
+    tok = load_tokenizer(art.path)
+    with progress_bar() as progress:
+        task = progress.add_task("perplexity", total=None)
+        records = evaluate_slices(model, art.ranking, tok, sps, [str(t) for t in text], lens,
+                                  max_tokens or None, batch_size, progress=lambda n: progress.advance(task, n))
+    if as_json:
+        sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
+                                     "results": records}) + "\n")
+        return
+    table = Table(title=f"perplexity — {artifact} ({art.manifest.get('method')})")
+    for col in ("sparsity", "achieved", "text", "seq_len", "perplexity"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["text"], str(r["seq_len"]),
+                      f"{r['perplexity']:.2f}")
+    Console().print(table)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The one place that knows each supported model family's module names and shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    qkv_bias: bool  # q/k/v projections carry a bias in the family's reference checkpoints
+    qk_norm: bool  # per-head RMSNorm on q and k (shared across heads, so never sliced)
+
+
+FAMILIES = (
+    Family("llama", ("llama",), ("LlamaForCausalLM",), qkv_bias=False, qk_norm=False),
+    Family("mistral", ("mistral",), ("MistralForCausalLM",), qkv_bias=False, qk_norm=False),
+    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), qkv_bias=True, qk_norm=False),
+    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), qkv_bias=False, qk_norm=True),
+)
+
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def family_for(config) -> Family:
+    """Return the family of a transformers config, or refuse it naming the architecture."""
+    model_type = getattr(config, "model_type", None)
+    archs = tuple(getattr(config, "architectures", None) or ())
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            if archs and not set(archs) & set(fam.architectures):
+                break
+            return fam
+    supported = ", ".join(a for f in FAMILIES for a in f.architectures)
+    raise UnsupportedModelError(
+        f"unsupported architecture {archs[0] if archs else model_type!r} (model_type={model_type!r}); "
+        f"gisp-deploy can prune and slice: {supported}. Other architectures are refused rather than "
+        "risk a silently wrong slice."
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a dense decoder, read from its config; every layer has the same widths."""
+
+    family: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    q_bias: bool
+    kv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        fam = family_for(config)
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        if heads % kv:
+            raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        return cls(
+            family=fam.name,
+            num_layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            q_bias=fam.qkv_bias or attn_bias,
+            kv_bias=fam.qkv_bias or attn_bias,
+            o_bias=attn_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_kv_heads < self.num_heads
+
+    # Parameter counts of the pieces a slice can remove (weights plus their biases).
+    @property
+    def q_head_params(self) -> int:  # q rows + o columns of one query head
+        return self.head_dim * self.hidden * 2 + (self.head_dim if self.q_bias else 0)
+
+    @property
+    def kv_head_params(self) -> int:  # k rows + v rows of one KV head
+        return self.head_dim * self.hidden * 2 + (2 * self.head_dim if self.kv_bias else 0)
+
+    @property
+    def channel_params(self) -> int:  # gate row + up row + down column
+        return 3 * self.hidden + (2 if self.mlp_bias else 0)
+
+    @property
+    def layer_params(self) -> int:
+        """Linear-layer parameters of one decoder layer (the sparsity denominator's share)."""
+        fixed = (self.hidden if self.o_bias else 0) + (self.hidden if self.mlp_bias else 0)
+        return (self.num_heads * self.q_head_params + self.num_kv_heads * self.kv_head_params
+                + self.intermediate * self.channel_params + fixed)
+
+    @property
+    def total_params(self) -> int:
+        return self.num_layers * self.layer_params
+
+
+def layer_modules(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
+    """(self_attn, mlp) of decoder layer `layer` of a supported causal LM."""
+    block = model.model.layers[layer]
+    return block.self_attn, block.mlp
+
+
+def linear(module: nn.Module, name: str) -> nn.Linear:
+    return getattr(module, name)

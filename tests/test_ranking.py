@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from gisp_deploy.families import ModelShape
+from gisp_deploy.methods import PruneConfig, prune
+from gisp_deploy.plan import plan_slice
+from gisp_deploy.ranking import CHANNEL, HEAD, Ranking, SparsityError, parse_sparsities
+from tests.factory import FAMILIES, make_model_dir
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, ModelShape.from_config(model.config)
+
+
+@pytest.fixture(scope="module", params=["llama-mha", "llama-gqa", "qwen2-gqa"])
+def ranked(request, tmp_path_factory):
+    model, shape = _load(make_model_dir(tmp_path_factory.mktemp("m"), request.param))
+    cfg = PruneConfig(method="magnitude", unit="q_head", max_sparsity=0.6, protect_first=0.25, protect_last=0)
+    return model, shape, prune(model, shape, None, cfg), cfg
+
+
+def test_every_structure_exactly_once(ranked):
+    _, shape, ranking, _ = ranked
+    seen = set(zip(ranking.layer.tolist(), ranking.kind.tolist(), ranking.index.tolist()))
+    expected = {(l, HEAD, h) for l in range(shape.num_layers) for h in range(shape.num_heads)}
+    expected |= {(l, CHANNEL, c) for l in range(shape.num_layers) for c in range(shape.intermediate)}
+    assert seen == expected and len(ranking) == len(expected)
+
+
+def test_slices_nested_at_random_sparsities(ranked):
+    _, shape, ranking, _ = ranked
+    rng = np.random.default_rng(0)
+    sps = sorted(rng.uniform(0, ranking.coverage, 50))
+    plans = [plan_slice(ranking, s) for s in sps]
+    for small, big in zip(plans, plans[1:]):
+        for a, b in zip(small.layers, big.layers):
+            assert set(b.q_heads) <= set(a.q_heads)
+            assert set(b.kv_heads) <= set(a.kv_heads)
+            assert set(b.channels) <= set(a.channels)
+    for s, p in zip(sps, plans):
+        assert p.achieved_sparsity >= s - 1e-12
+
+
+def test_achieved_sparsity_matches_independent_count(ranked):
+    """Slice the real weight tensors by the plan and count what is left."""
+    model, shape, ranking, _ = ranked
+    hd = shape.head_dim
+    total = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                for layer in model.model.layers for m in (*[getattr(layer.self_attn, n) for n in
+                                                             ("q_proj", "k_proj", "v_proj", "o_proj")],
+                                                           layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+    assert total == shape.total_params
+    for s in (0.0, 0.13, 0.3, 0.5, ranking.coverage):
+        plan = plan_slice(ranking, s)
+        kept = 0
+        for layer, lp in zip(model.model.layers, plan.layers):
+            a, m = layer.self_attn, layer.mlp
+            q_rows = torch.tensor([h * hd + d for h in lp.q_heads for d in range(hd)], dtype=torch.long)
+            kv_rows = torch.tensor([h * hd + d for h in lp.kv_heads for d in range(hd)], dtype=torch.long)
+            ch = torch.tensor(lp.channels, dtype=torch.long)
+            for lin, idx, dim in ((a.q_proj, q_rows, 0), (a.k_proj, kv_rows, 0), (a.v_proj, kv_rows, 0),
+                                  (a.o_proj, q_rows, 1), (m.gate_proj, ch, 0), (m.up_proj, ch, 0),
+                                  (m.down_proj, ch, 1)):
+                kept += lin.weight.index_select(dim, idx).numel()
+                if lin.bias is not None:
+                    kept += lin.bias.numel() if dim == 1 else lin.bias.index_select(0, idx).numel()
+        assert plan.achieved_sparsity == pytest.approx(1 - kept / total, abs=1e-12)
+        assert plan.kept_params == kept
+
+
+def test_protected_layers_keep_everything_within_coverage(ranked):
+    _, shape, ranking, cfg = ranked
+    plan = plan_slice(ranking, ranking.coverage)
+    for layer in cfg.protected_layers(shape.num_layers):
+        lp = plan.layers[layer]
+        assert len(lp.q_heads) == shape.num_heads and len(lp.channels) == shape.intermediate
+    assert set(ranking.layer[: ranking.num_covered].tolist()).isdisjoint(cfg.protected_layers(shape.num_layers))
+
+
+def test_sparsity_errors(ranked):
+    _, _, ranking, _ = ranked
+    for bad in ("-0.1", "nan", "1.0", "abc", ""):
+        with pytest.raises(SparsityError):
+            parse_sparsities(bad)
+    with pytest.raises(SparsityError, match="beyond what this artifact covers"):
+        plan_slice(ranking, min(0.99, ranking.coverage + 0.05))
+
+
+def test_save_load_roundtrip(ranked, tmp_path):
+    _, shape, ranking, _ = ranked
+    ranking.save(tmp_path / "r.safetensors")
+    back = Ranking.load(tmp_path / "r.safetensors", shape)
+    for col in ("layer", "kind", "index", "step", "params"):
+        np.testing.assert_array_equal(getattr(back, col), getattr(ranking, col))
+    np.testing.assert_allclose(back.score, ranking.score, rtol=1e-6)
+    assert back.num_covered == ranking.num_covered and back.coverage == ranking.coverage
+    # the format stays compact: about 17 bytes per structure
+    assert (tmp_path / "r.safetensors").stat().st_size < 17 * len(ranking) + 1024
+
+
+def test_kv_group_unit_removes_whole_groups(tmp_path):
+    model, shape = _load(make_model_dir(tmp_path, "llama-gqa"))
+    ranking = prune(model, shape, None, PruneConfig(method="random", unit="kv_group", max_sparsity=0.5))
+    for s in (0.1, 0.3, 0.5):
+        for lp in plan_slice(ranking, s).layers:
+            assert len(lp.q_heads) == len(lp.kv_heads) * shape.group_size
