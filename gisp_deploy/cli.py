@@ -32,7 +32,7 @@ def friendly(fn):
         except typer.Exit:
             raise
         except EXPECTED_ERRORS as e:
-            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -117,7 +117,7 @@ def prune(
     console.print(
         f"[green]wrote[/] {summary['artifact']}: {summary['method']}, {summary['covered']}/{summary['structures']} "
         f"structures ranked, covers sparsity up to {summary['coverage']:.4f}; {summary['wall_s']:.1f} s, "
-        f"{summary['tokens_per_s']:.0f} tokens/s scored")
+        f"{summary['tokens_per_s']:.0f} tokens/s scored", soft_wrap=True)
 
 
 INSPECT_EXAMPLES = """
@@ -158,7 +158,7 @@ def inspect(
         out.print(width_table(art, info))
     if plot:
         plot_widths(art, sps, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", soft_wrap=True)
 
 
 EVAL_EXAMPLES = """

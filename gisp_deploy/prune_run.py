@@ -94,6 +94,7 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     model_dir = resolve_model_dir(model)
+    weight_files(model_dir)
     from transformers import AutoConfig
 
     try:
@@ -125,11 +126,7 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         if (work / "state.safetensors").exists():
             state = load_state(work / "state.safetensors")
             log(f"resuming from step {state.step} ({len(state.removed)} structures removed)")
-    else:
-        work.mkdir(parents=True)
-        (work / "run.json").write_text(json.dumps(run_key, indent=2))
 
-    dense = load_model(model_dir, dev, dt)
     tokens = {"n": 0}
 
     def counting_pass(desc, total):
@@ -141,8 +138,14 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
                 advance(n)
         return step
 
-    ranking: Ranking = prune(dense, shape, calib, cfg, state=state,
-                             on_step=lambda s: save_state(work / "state.safetensors", s), on_pass=counting_pass)
+    def checkpoint(s: PruneState):
+        if not work.exists():  # created at the first completed step, so failed starts leave nothing behind
+            work.mkdir(parents=True)
+            (work / "run.json").write_text(json.dumps(run_key, indent=2))
+        save_state(work / "state.safetensors", s)
+
+    dense = load_model(model_dir, dev, dt)
+    ranking: Ranking = prune(dense, shape, calib, cfg, state=state, on_step=checkpoint, on_pass=counting_pass)
     elapsed = time.perf_counter() - t0
     import transformers
 

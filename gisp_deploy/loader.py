@@ -1,0 +1,234 @@
+"""Load a slice of an artifact as a physically smaller transformers model.
+
+Only the kept rows / columns of each dense tensor are read (on the CPU from the memory-mapped
+safetensors files; on CUDA from one whole tensor at a time on the device), so peak memory is about
+the compact model plus one dense tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .artifact import ArtifactError, load_artifact
+from .modeling import build_model, compact_config, materialize_buffers, plan_layouts
+from .plan import SlicePlan, plan_slice
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_COLUMN_RUNS = 32  # beyond this many runs of kept columns, read the whole tensor and select
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+
+
+# ---- the row / column gathers (a CUDA path uses the Triton kernels of kernels/gather.py when present)
+def _gpu_gather():
+    try:
+        from kernels import gather
+    except Exception:
+        return None
+    return gather if hasattr(gather, "gather_rows") and hasattr(gather, "gather_cols") else None
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """[2, 3, 4, 9, 10] -> [(2, 5), (9, 11)]: maximal runs of consecutive indices as half-open ranges."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+def take_rows(src, idx) -> torch.Tensor:
+    """src[idx] along dim 0. `src` is a tensor or a safetensors slice (then only those rows are read)."""
+    idx = [int(i) for i in idx]
+    if isinstance(src, torch.Tensor):
+        gather = _gpu_gather() if src.is_cuda else None
+        keep = torch.tensor(idx, dtype=torch.long)
+        if gather is not None:
+            return gather.gather_rows([src], [keep])[0]
+        return src.index_select(0, keep.to(src.device))
+    parts = [src[a:b] for a, b in _runs(idx)] or [src[0:0]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def take_cols(src, idx) -> torch.Tensor:
+    """src[:, idx]. `src` is a tensor or a safetensors slice (whole tensor read when columns are scattered)."""
+    idx = [int(i) for i in idx]
+    if isinstance(src, torch.Tensor):
+        gather = _gpu_gather() if src.is_cuda else None
+        keep = torch.tensor(idx, dtype=torch.long)
+        if gather is not None:
+            return gather.gather_cols([src], [keep])[0]
+        return src.index_select(1, keep.to(src.device))
+    runs = _runs(idx)
+    if len(runs) > MAX_COLUMN_RUNS:
+        return take_cols(src[:], idx)
+    parts = [src[:, a:b] for a, b in runs] or [src[:, 0:0]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _padded(t: torch.Tensor, src_pos: list[int], dim: int) -> torch.Tensor:
+    """Spread the gathered slices of `t` over len(src_pos) positions along `dim`; -1 positions are zero."""
+    if all(p >= 0 for p in src_pos):
+        return t
+    shape = list(t.shape)
+    shape[dim] = len(src_pos)
+    out = t.new_zeros(shape)
+    dest = torch.tensor([i for i, p in enumerate(src_pos) if p >= 0], dtype=torch.long, device=t.device)
+    out.index_copy_(dim, dest, t)
+    return out
+
+
+# ---- reading the dense checkpoint
+class WeightReader:
+    """Tensor name -> safetensors handle over the artifact's weight files (sharded or not)."""
+
+    def __init__(self, weights_dir: Path, device: str):
+        self.dir = Path(weights_dir)
+        self.device = device
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            self.where = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            self.where = {}
+            for f in sorted(self.dir.glob("*.safetensors")):
+                for name in self._open(f.name).keys():
+                    self.where[name] = f.name
+        if not self.where:
+            raise ArtifactError(f"{self.dir}: no safetensors weights found")
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            from safetensors import safe_open
+
+            path = self.dir / fname
+            if not path.is_file():
+                raise ArtifactError(f"{path}: weight file missing; the artifact is incomplete")
+            self._handles[fname] = self._stack.enter_context(safe_open(str(path), framework="pt", device=self.device))
+        return self._handles[fname]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def source(self, name: str):
+        """A lazily read slice on the CPU; the whole tensor on a GPU (gathered there)."""
+        if name not in self.where:
+            raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
+        f = self._open(self.where[name])
+        return f.get_slice(name) if self.device == "cpu" else f.get_tensor(name)
+
+    def close(self):
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _selection(key: str, layouts, head_dim: int):
+    """(rows, cols) of the source tensor for compact tensor `key`: lists of source indices with -1 for
+    zero padding, or None for 'all'."""
+    m = _LAYER_KEY.match(key)
+    if not m:
+        return None, None
+    lay = layouts[int(m.group(1))]
+    proj, kind = m.group(3), m.group(4)
+
+    def expand(heads):
+        return [h * head_dim + d if h >= 0 else -1 for h in heads for d in range(head_dim)]
+
+    if proj == "q_proj":
+        return expand(lay.q_src), None
+    if proj in ("k_proj", "v_proj"):
+        return expand(lay.kv_src), None
+    if proj in ("gate_proj", "up_proj"):
+        return list(lay.channels), None
+    if kind == "bias":  # o_proj / down_proj bias: outputs are never sliced
+        return None, None
+    if proj == "o_proj":
+        return None, expand(lay.q_src)
+    if proj == "down_proj":
+        return None, list(lay.channels)
+    return None, None  # q_norm / k_norm (Qwen3): shared over heads
+
+
+def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype) -> dict:
+    """The compact model's state dict, gathered from the dense checkpoint; tied weights left out."""
+    tied = set(_tied_keys(model))
+    sd = {}
+    for key, meta in model.state_dict().items():
+        if key in tied and key not in reader:
+            continue
+        rows, cols = _selection(key, layouts, head_dim)
+        src = reader.source(key)
+        if rows is not None:
+            t = _padded(take_rows(src, [r for r in rows if r >= 0]), rows, 0)
+        elif cols is not None:
+            t = _padded(take_cols(src, [c for c in cols if c >= 0]), cols, 1)
+        else:
+            t = src if isinstance(src, torch.Tensor) else src[:]
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, the slice needs "
+                                f"{tuple(meta.shape)}; the weights do not match the artifact's config")
+        sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
+        del src, t
+    return sd
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False):
+        return []
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return list(tied) if isinstance(tied, (dict, list, tuple, set)) else []
+
+
+def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
+         plan: SlicePlan | None = None, attn_implementation: str | None = None) -> nn.Module:
+    """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model."""
+    if not hasattr(artifact, "ranking"):
+        artifact = load_artifact(artifact)
+    if plan is None:
+        if sparsity is None:
+            raise ValueError("pass a sparsity or a plan")
+        plan = plan_slice(artifact.ranking, sparsity)
+    elif plan.shape != artifact.shape:
+        raise ValueError("the plan was made for a model of another shape than the artifact's")
+    device = torch.device(device)
+    layouts = plan_layouts(plan)
+    config = compact_config(artifact.config, plan, dtype)
+    model = build_model(config, attn_implementation)
+    read_dev = "cpu" if device.type == "cpu" else str(device)
+    with WeightReader(artifact.weights_dir, read_dev) as reader:
+        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    tied = _tied_keys(model)
+    if unexpected or set(missing) - set(tied):
+        raise ArtifactError(f"weights do not fit the slice: missing {sorted(set(missing) - set(tied))}, "
+                            f"unexpected {sorted(unexpected)}")
+    if missing:
+        model.tie_weights()
+    materialize_buffers(model, device)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ArtifactError(f"parameters left unloaded: {left}")
+    model.eval()
+    _load_generation_config(model, artifact.path)
+    return model
+
+
+def _load_generation_config(model, path: Path) -> None:
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)

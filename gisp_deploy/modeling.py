@@ -1,0 +1,180 @@
+"""Compact causal LMs: a family's own transformers classes with every decoder layer at its own widths.
+
+A slice keeps, per layer, some query heads, the KV heads they read and some MLP channels. The compact
+model is the family's `*ForCausalLM` built on the meta device, then each decoder layer is shrunk by
+`shrink_layer` (the one place that knows how). Per-layer widths are recorded in `config.gisp_layers`:
+
+    [{"q_heads": 6, "kv_heads": 2, "intermediate": 700, "pad": [2, 5]}, ...]
+
+`q_heads` counts query heads *including* dummy ones; `pad` lists the positions of the dummy heads among
+them. A query-head slice can leave KV groups uneven (3 heads of group 0, 1 of group 1); attention
+kernels need uniform groups, so every kept group of the layer is padded to the layer's largest kept
+group with dummy heads whose q rows and o columns are zero (exactly the same output). Compact query
+heads are laid out group by group, kept heads in original order, then that group's dummies.
+A layer with no query head has no attention (`EmptyAttention`: o_proj bias, else zero); a layer with
+no channel has no MLP (`EmptyMLP`: down_proj bias, else zero).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .families import family_for
+
+CONFIG_KEY = "gisp_layers"
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where each compact row of one layer comes from, in the source model's numbering."""
+
+    q_src: tuple[int, ...]  # source query head of each compact query head; -1 = dummy (zero) head
+    kv_src: tuple[int, ...]  # source KV head of each compact KV head
+    channels: tuple[int, ...]  # source channel of each compact channel
+
+    @property
+    def pad(self) -> list[int]:
+        return [i for i, h in enumerate(self.q_src) if h < 0]
+
+    def spec(self) -> dict:
+        """The JSON-serialisable per-layer record stored in config.gisp_layers."""
+        return {"q_heads": len(self.q_src), "kv_heads": len(self.kv_src), "intermediate": len(self.channels),
+                "pad": self.pad}
+
+
+def layer_layout(q_heads, kv_heads, channels, group_size: int) -> LayerLayout:
+    """Group the kept query heads by KV head and pad every group to the largest one."""
+    groups = [[h for h in q_heads if h // group_size == kv] for kv in kv_heads]
+    if any(not g for g in groups) or sum(map(len, groups)) != len(q_heads):
+        raise ValueError(f"kept query heads {list(q_heads)} do not match kept KV heads {list(kv_heads)}")
+    width = max(map(len, groups), default=0)
+    q_src = tuple(h for g in groups for h in [*g, *[-1] * (width - len(g))])
+    return LayerLayout(q_src=q_src, kv_src=tuple(kv_heads), channels=tuple(channels))
+
+
+def plan_layouts(plan) -> list[LayerLayout]:
+    g = plan.shape.group_size
+    return [layer_layout(lp.q_heads, lp.kv_heads, lp.channels, g) for lp in plan.layers]
+
+
+def padding_params(plan) -> int:
+    """Parameters of the dummy query heads the compact model adds to even out KV groups."""
+    return sum(len(lay.pad) for lay in plan_layouts(plan)) * plan.shape.q_head_params
+
+
+def compact_config(config, plan, dtype: torch.dtype | None = None):
+    """A copy of the dense config that records the slice's per-layer widths (see module docstring)."""
+    shape = plan.shape
+    cfg = copy.deepcopy(config)
+    cfg.head_dim = shape.head_dim  # the dense head count no longer determines it
+    setattr(cfg, CONFIG_KEY, [lay.spec() for lay in plan_layouts(plan)])
+    cfg.gisp_slice = {"unit": plan.unit, "sparsity": plan.sparsity,
+                      "achieved_sparsity": round(plan.achieved_sparsity, 6)}
+    if dtype is not None:
+        cfg.dtype = dtype
+    return cfg
+
+
+class BiasOnly(nn.Module):
+    """What remains of a linear layer that lost all of its inputs: its bias."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+
+class EmptyAttention(nn.Module):
+    """Attention of a layer that kept no query head: adds o_proj's bias (or nothing).
+
+    It still appends a one-element-per-token stub to the KV cache, because transformers reads the
+    cached sequence length from a layer (layer 0 by default) and an empty entry would read as zero."""
+
+    def __init__(self, layer_idx: int, hidden: int, o_bias: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.o_proj = BiasOnly(hidden) if o_bias else None
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            stub = hidden_states.new_zeros(b, 1, t, 1)  # [B, 1 head, T, 1]
+            past_key_values.update(stub, stub, self.layer_idx)
+        if self.o_proj is None:
+            return torch.zeros_like(hidden_states), None
+        return self.o_proj.bias.expand_as(hidden_states), None
+
+
+class EmptyMLP(nn.Module):
+    """MLP of a layer that kept no channel: adds down_proj's bias (or nothing)."""
+
+    def __init__(self, hidden: int, down_bias: bool):
+        super().__init__()
+        self.down_proj = BiasOnly(hidden) if down_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x) if self.down_proj is None else self.down_proj.bias.expand_as(x)
+
+
+def _resized(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+    return nn.Linear(lin.in_features if in_features is None else in_features,
+                     lin.out_features if out_features is None else out_features,
+                     bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def shrink_layer(block: nn.Module, q_heads: int, kv_heads: int, intermediate: int, head_dim: int) -> None:
+    """Resize one decoder layer in place: q/o to `q_heads` heads, k/v to `kv_heads`, MLP to `intermediate`."""
+    attn, mlp = block.self_attn, block.mlp
+    if q_heads == 0:
+        if kv_heads:
+            raise ValueError(f"layer {attn.layer_idx}: {kv_heads} KV heads kept without any query head")
+        block.self_attn = EmptyAttention(attn.layer_idx, attn.o_proj.out_features, attn.o_proj.bias is not None)
+    else:
+        if kv_heads < 1 or q_heads % kv_heads:
+            raise ValueError(f"layer {attn.layer_idx}: {q_heads} query heads do not split evenly over {kv_heads} "
+                             "KV heads; pad the groups first")
+        attn.q_proj = _resized(attn.q_proj, out_features=q_heads * head_dim)
+        attn.k_proj = _resized(attn.k_proj, out_features=kv_heads * head_dim)
+        attn.v_proj = _resized(attn.v_proj, out_features=kv_heads * head_dim)
+        attn.o_proj = _resized(attn.o_proj, in_features=q_heads * head_dim)
+        attn.num_key_value_groups = q_heads // kv_heads  # eager and sdpa repeat_kv read this
+    if intermediate == 0:
+        block.mlp = EmptyMLP(mlp.down_proj.out_features, mlp.down_proj.bias is not None)
+    else:
+        mlp.gate_proj = _resized(mlp.gate_proj, out_features=intermediate)
+        mlp.up_proj = _resized(mlp.up_proj, out_features=intermediate)
+        mlp.down_proj = _resized(mlp.down_proj, in_features=intermediate)
+        mlp.intermediate_size = intermediate
+
+
+def model_class(config):
+    import transformers
+
+    return getattr(transformers, family_for(config).architectures[0])
+
+
+def build_model(config, attn_implementation: str | None = None) -> nn.Module:
+    """The compact model of a config carrying `gisp_layers`, on the meta device (no storage)."""
+    layers = getattr(config, CONFIG_KEY, None)
+    if layers is None or len(layers) != config.num_hidden_layers:
+        raise ValueError(f"config has no valid {CONFIG_KEY!r} (one entry per decoder layer); build it with "
+                         "compact_config")
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = model_class(config)(config)
+        for block, spec in zip(model.model.layers, layers):
+            shrink_layer(block, spec["q_heads"], spec["kv_heads"], spec["intermediate"], config.head_dim)
+    return model
+
+
+def materialize_buffers(model: nn.Module, device) -> None:
+    """Rebuild the rotary embedding (non-persistent buffers, left on meta) on `device`."""
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"buffers still on the meta device after loading: {left}")

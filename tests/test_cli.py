@@ -1,0 +1,146 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gisp_deploy.artifact import MANIFEST, RANKING, load_artifact
+from tests.factory import CALIB_TEXT, EXAMPLE_HELDOUT, make_model_dir
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+FAST = ["--samples", "4", "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--max-sparsity", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_model_dir(root, "qwen2-gqa")
+    res = cli("prune", model, "--calib", CALIB_TEXT, "--out", root / "art", *FAST)
+    assert res.returncode == 0, res.stderr
+    assert "covers sparsity up to" in res.stderr and "tokens/s" in res.stderr
+    return root / "art"
+
+
+def test_artifact_layout_and_manifest(artifact):
+    names = {p.name for p in artifact.iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors", MANIFEST, RANKING} <= names
+    m = json.loads((artifact / MANIFEST).read_text())
+    assert m["format_version"] == 1 and m["method"] == "gisp" and m["unit"] == "q_head"
+    assert m["calibration"]["samples"] == 4 and len(m["calibration"]["sha256"]) == 64
+    assert set(m["versions"]) >= {"gisp_deploy", "torch", "transformers"}
+    assert m["coverage"] >= 0.5 and m["weights"]["sha256"]["model.safetensors"]
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".art")]  # no temporary left behind
+    load_artifact(artifact).verify_weights()
+
+
+def test_inspect_json_and_plot(artifact, tmp_path):
+    res = cli("inspect", artifact, "--sparsity", "0.2,0.4", "--json", "--plot", tmp_path / "w.png")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["method"] == "gisp" and info["unit"] == "q_head" and info["coverage"] >= 0.5
+    assert [s["sparsity"] for s in info["slices"]] == [0.2, 0.4]
+    for sl in info["slices"]:
+        assert sl["achieved_sparsity"] >= sl["sparsity"]
+        assert [l["layer"] for l in sl["layers"]] == [0, 1, 2, 3]
+        for l in sl["layers"]:
+            assert l["q_heads"] == sorted(l["q_heads"]) and l["kv_heads"] == sorted({h // 2 for h in l["q_heads"]})
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    table = cli("inspect", artifact, "--sparsity", "0.3")
+    assert table.returncode == 0 and "kept per layer" in table.stdout
+
+
+def test_eval_json_records(artifact):
+    res = cli("eval", artifact, "--sparsity", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-len", "32,64",
+              "--max-tokens", "2048", "--json")
+    assert res.returncode == 0, res.stderr
+    recs = json.loads(res.stdout)["results"]
+    assert len(recs) == 4
+    for r in recs:
+        assert set(r) >= {"sparsity", "achieved_sparsity", "text", "seq_len", "perplexity"}
+        assert r["text"] == "persuasion.txt.gz" and r["perplexity"] > 1
+    dense = [r["perplexity"] for r in recs if r["sparsity"] == 0]
+    pruned = [r["perplexity"] for r in recs if r["sparsity"] == 0.4]
+    assert dense != pruned
+
+
+@pytest.mark.parametrize("bad,message", [("-0.1", "out of range"), ("nan", "out of range"), ("1.5", "out of range"),
+                                         ("0.9", "beyond what this artifact covers")])
+def test_bad_sparsity(artifact, bad, message):
+    res = cli("inspect", artifact, "--sparsity", bad)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    res = cli("prune", tmp_path / "gpt2", "--calib", CALIB_TEXT, "--out", tmp_path / "o", *FAST)
+    assert res.returncode == 2 and "GPT2LMHeadModel" in res.stderr and "LlamaForCausalLM" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_prune_inputs(tmp_path):
+    model = make_model_dir(tmp_path, "llama-gqa")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["--calib", empty], "shorter than one sample"),
+        ([], "no calibration data"),
+        (["--calib", CALIB_TEXT, "--max-sparsity", "1.2"], "--max-sparsity"),
+        (["--calib", CALIB_TEXT, "--method", "sparsegpt"], "unknown method"),
+        (["--calib", CALIB_TEXT, "--protect-first", "0.5", "--protect-last", "2"], "lower --max-sparsity"),
+    ]
+    for extra, message in cases:
+        res = cli("prune", model, "--out", tmp_path / "o", *FAST, *extra)
+        assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
+        assert not (tmp_path / "o").exists()
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    res = cli("prune", model, "--calib", CALIB_TEXT, "--out", tmp_path / "o", *FAST)
+    assert res.returncode == 2 and "never loads pickles" in res.stderr
+
+
+def test_existing_output_is_not_clobbered(artifact):
+    before = (artifact / RANKING).read_bytes()
+    res = cli("prune", artifact, "--calib", CALIB_TEXT, "--out", artifact, *FAST)
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert (artifact / RANKING).read_bytes() == before
+
+
+def test_tampered_and_future_artifacts(artifact, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    ranking = bad / RANKING
+    ranking.chmod(0o644)
+    ranking.write_bytes(ranking.read_bytes()[:-10])
+    res = cli("inspect", bad)
+    assert res.returncode == 2 and "ranking.safetensors" in res.stderr and "sha256" in res.stderr
+    future = tmp_path / "future"
+    shutil.copytree(artifact, future)
+    m = json.loads((future / MANIFEST).read_text())
+    m["format_version"] = 99
+    (future / MANIFEST).write_text(json.dumps(m))
+    res = cli("inspect", future)
+    assert res.returncode == 2 and "newer than this gisp-deploy reads" in res.stderr
+
+
+def test_no_copy_weights_records_a_reference(tmp_path):
+    model = make_model_dir(tmp_path, "llama-mha")
+    res = cli("prune", model, "--method", "magnitude", "--out", tmp_path / "ref", "--no-copy-weights", *FAST)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "ref" / "model.safetensors").exists()
+    art = load_artifact(tmp_path / "ref")
+    assert art.weights_dir == model.resolve()
+    art.verify_weights()
+
+
+def test_help_shows_examples():
+    for cmd in ("prune", "inspect", "eval"):
+        res = cli(cmd, "--help")
+        assert res.returncode == 0 and "Examples" in res.stdout and "gisp-deploy " + cmd in res.stdout
