@@ -166,6 +166,7 @@ EVAL_EXAMPLES = """
 
   gisp-deploy eval llama3-gisp --sparsity 0,0.2,0.4 --text heldout/persuasion.txt.gz
   gisp-deploy eval llama3-gisp --sparsity 0.4 --text a.txt --text b.txt --seq-len 128,512 --json
+  gisp-deploy eval llama3-gisp --sparsity 0,0.4 --task continuation-test.margin.jsonl
 """
 
 
@@ -174,7 +175,9 @@ EVAL_EXAMPLES = """
 def eval_(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     sparsity: str = typer.Option("0", help="Comma-separated sparsities; 0 is the dense model."),
-    text: List[Path] = typer.Option(..., "--text", help="Held-out text file(s) (.txt/.txt.gz); repeat for several."),
+    text: List[Path] = typer.Option([], "--text", help="Held-out text file(s) (.txt/.txt.gz); repeat for several."),
+    task: List[Path] = typer.Option([], "--task", help="Multiple-choice JSONL ({prompt, choices, answer}) to score "
+                                    "accuracy on; repeat for several."),
     seq_len: str = typer.Option("128", help="Comma-separated context lengths (non-overlapping windows)."),
     max_tokens: int = typer.Option(65536, help="Evaluate the first N tokens of each text (0: all)."),
     batch_size: int = typer.Option(16, help="Windows per forward pass."),
@@ -182,12 +185,14 @@ def eval_(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
     as_json: bool = typer.Option(False, "--json", help="Print {\"results\": [...]} as JSON on stdout."),
 ):
-    """Held-out perplexity of slices of an artifact (the dense model with removed structures zeroed)."""
+    """Held-out perplexity and task accuracy of slices of an artifact."""
     from .artifact import load_artifact
     from .evaluate import evaluate_slices
     from .prune_run import load_model, load_tokenizer, pick_device, pick_dtype
     from .ranking import parse_sparsities
 
+    if not text and not task:
+        raise ValueError("nothing to evaluate: pass --text FILE (perplexity) and/or --task FILE.jsonl (accuracy)")
     art = load_artifact(artifact)
     sps = parse_sparsities(sparsity)
     for s in sps:
@@ -199,19 +204,24 @@ def eval_(
     model = load_model(art.weights_dir, dev, pick_dtype(dtype, dev))
     tok = load_tokenizer(art.path)
     with progress_bar() as progress:
-        task = progress.add_task("perplexity", total=None)
+        bar = progress.add_task("evaluating", total=None)
         records = evaluate_slices(model, art.ranking, tok, sps, [str(t) for t in text], lens,
-                                  max_tokens or None, batch_size, progress=lambda n: progress.advance(task, n))
+                                  max_tokens or None, batch_size, progress=lambda n: progress.advance(bar, n),
+                                  tasks=[str(t) for t in task])
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")
         return
-    table = Table(title=f"perplexity — {artifact} ({art.manifest.get('method')})")
-    for col in ("sparsity", "achieved", "text", "seq_len", "perplexity"):
+    table = Table(title=f"{artifact} ({art.manifest.get('method')})")
+    for col in ("sparsity", "achieved", "text / task", "seq_len", "perplexity", "accuracy"):
         table.add_column(col, justify="right")
     for r in records:
-        table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["text"], str(r["seq_len"]),
-                      f"{r['perplexity']:.2f}")
+        if "perplexity" in r:
+            table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["text"], str(r["seq_len"]),
+                          f"{r['perplexity']:.2f}", "")
+        else:
+            table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["task"], "", "",
+                          f"{r['accuracy']:.3f} ({r['items']} items)")
     Console().print(table)
 
 

@@ -11,6 +11,7 @@ from .data import token_stream
 from .objectives import sequence_nll
 from .plan import plan_slice
 from .scoring import apply_oracle
+from .tasks import task_accuracy
 
 
 @torch.no_grad()
@@ -51,8 +52,9 @@ class OracleSlicer:
 
 
 def evaluate_slices(model, ranking, tokenizer, sparsities, texts, seq_lens, max_tokens: int | None = 65536,
-                    batch_size: int = 16, progress=None) -> list[dict]:
-    """One record per (sparsity, text, seq_len): the slice's perplexity computed on the oracle."""
+                    batch_size: int = 16, progress=None, tasks=()) -> list[dict]:
+    """One record per (sparsity, text, seq_len) with the slice's perplexity, and per (sparsity, task)
+    with its multiple-choice accuracy, computed on the oracle."""
     streams = {}
     for t in texts:
         stream = token_stream(tokenizer, [t])
@@ -67,4 +69,8 @@ def evaluate_slices(model, ranking, tokenizer, sparsities, texts, seq_lens, max_
                 ppl, count = perplexity(sliced, stream, L, batch_size, progress)
                 records.append({"sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6), "text": name,
                                 "seq_len": L, "perplexity": ppl, "tokens": count, "path": "oracle"})
+        for task in tasks:
+            acc = task_accuracy(sliced, tokenizer, task, batch_size=batch_size)
+            records.append({"sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6), **acc,
+                            "path": "oracle"})
     return records
