@@ -25,7 +25,10 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight
 
 
 # ---- the row / column gathers (a CUDA path uses the Triton kernels of kernels/gather.py when present)
-def _gpu_gather():
+def _kernels_for(t: torch.Tensor):
+    """kernels.gather (Triton ragged gathers) for a CUDA tensor when it is installed, else None (torch)."""
+    if not t.is_cuda:
+        return None
     try:
         from kernels import gather
     except Exception:
@@ -48,7 +51,7 @@ def take_rows(src, idx) -> torch.Tensor:
     """src[idx] along dim 0. `src` is a tensor or a safetensors slice (then only those rows are read)."""
     idx = [int(i) for i in idx]
     if isinstance(src, torch.Tensor):
-        gather = _gpu_gather() if src.is_cuda else None
+        gather = _kernels_for(src)
         keep = torch.tensor(idx, dtype=torch.long)
         if gather is not None:
             return gather.gather_rows([src], [keep])[0]
@@ -61,7 +64,7 @@ def take_cols(src, idx) -> torch.Tensor:
     """src[:, idx]. `src` is a tensor or a safetensors slice (whole tensor read when columns are scattered)."""
     idx = [int(i) for i in idx]
     if isinstance(src, torch.Tensor):
-        gather = _gpu_gather() if src.is_cuda else None
+        gather = _kernels_for(src)
         keep = torch.tensor(idx, dtype=torch.long)
         if gather is not None:
             return gather.gather_cols([src], [keep])[0]
@@ -167,7 +170,7 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     tied = set(_tied_keys(model))
     sd = {}
     for key, meta in model.state_dict().items():
-        if key in tied and key not in reader:
+        if key in tied:  # tied to the input embeddings after loading, as transformers does
             continue
         rows, cols = _selection(key, layouts, head_dim)
         src = reader.source(key)

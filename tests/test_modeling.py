@@ -1,0 +1,280 @@
+"""Load-time slicing: the compact model computes exactly what the oracle (dense, removed structures zeroed) does."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gisp_deploy.artifact import load_artifact, write_artifact
+from gisp_deploy.families import ModelShape
+from gisp_deploy.loader import MAX_COLUMN_RUNS, load, take_cols, take_rows
+from gisp_deploy.methods import PruneConfig, prune
+from gisp_deploy.modeling import build_model, padding_params
+from gisp_deploy.plan import LayerPlan, SlicePlan, plan_slice
+from gisp_deploy.ranking import SparsityError
+from gisp_deploy.scoring import apply_oracle
+from tests.factory import EXAMPLE_MODEL, FAMILIES, make_model_dir
+
+ATOL = 1e-5
+
+
+def _dense(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+class Source:
+    """A tiny model, its artifact (random ranking, every layer prunable) and the dense model for the oracle."""
+
+    def __init__(self, model_dir, dense, root, unit):
+        self.dense, self.shape = dense, ModelShape.from_config(dense.config)
+        cfg = PruneConfig(method="random", unit=unit, max_sparsity=0.7, protect_first=0, protect_last=0)
+        ranking = prune(dense, self.shape, None, cfg)
+        self.artifact = load_artifact(write_artifact(root / f"art-{unit}", model_dir, ranking, {"method": "random"}))
+
+    def oracle(self, plan):
+        model = copy.deepcopy(self.dense)
+        apply_oracle(model, plan)
+        return model
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """get(name, unit, **config_overrides) -> Source; model directories and artifacts are made once."""
+    models, cache = {}, {}
+
+    def get(name, unit="q_head", **overrides):
+        mkey = (name, tuple(sorted(overrides.items())))
+        if mkey not in models:
+            root = tmp_path_factory.mktemp(name)
+            model_dir = make_model_dir(root, name, **overrides)
+            models[mkey] = (root, model_dir, _dense(model_dir))
+        if (mkey, unit) not in cache:
+            root, model_dir, dense = models[mkey]
+            cache[mkey, unit] = Source(model_dir, dense, root, unit)
+        return cache[mkey, unit]
+    return get
+
+
+def _ids(batch=2, length=10, seed=0):
+    return torch.randint(3, 8000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def decoder_linear_params(model) -> int:
+    return sum(p.numel() for n, p in model.model.layers.named_parameters() if "_proj." in n)
+
+
+def assert_matches(compact, oracle, ids, attention_mask=None, atol=ATOL, generate=True, want=None):
+    """Logits equal to `atol` (positions under the mask only); greedy generate gives the same tokens.
+    `want` caches the oracle's (logits, tokens) between calls; returned for reuse."""
+    with torch.no_grad():
+        got = compact(ids, attention_mask=attention_mask).logits
+        if want is None:
+            want = (oracle(ids, attention_mask=attention_mask).logits, None)
+    sel = attention_mask.bool() if attention_mask is not None else slice(None)  # padded positions are not compared
+    torch.testing.assert_close(got[sel], want[0][sel], atol=atol, rtol=0)
+    if generate:
+        kw = dict(max_new_tokens=8, do_sample=False, attention_mask=attention_mask)
+        if want[1] is None:
+            want = (want[0], oracle.generate(ids, **kw))
+        assert torch.equal(compact.generate(ids, **kw), want[1])
+    return want
+
+
+def hand_plan(shape, layers, unit="q_head") -> SlicePlan:
+    g = shape.group_size
+    lps = tuple(LayerPlan(q_heads=tuple(q), kv_heads=tuple(sorted({h // g for h in q})),
+                          channels=tuple(range(shape.intermediate)) if c is None else tuple(c)) for q, c in layers)
+    probe = SlicePlan(shape=shape, unit=unit, sparsity=0.0, achieved_sparsity=0.0, prefix=0, layers=lps)
+    achieved = 1 - probe.kept_params / shape.total_params
+    return SlicePlan(shape=shape, unit=unit, sparsity=achieved, achieved_sparsity=achieved, prefix=0, layers=lps)
+
+
+# ---- every family, both units, several sparsities
+@pytest.mark.parametrize("unit", ["q_head", "kv_group"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_slices_match_oracle(sources, name, unit):
+    src = sources(name, unit)
+    ids = _ids()
+    for s in (0.0, 0.35, 0.7):
+        plan = plan_slice(src.artifact.ranking, s)
+        oracle, want = src.oracle(plan), None
+        for attn in ("eager", "sdpa"):  # both attention paths; generate on the default one (sdpa)
+            model = load(src.artifact, s, attn_implementation=attn)
+            assert model.config._attn_implementation == attn
+            want = assert_matches(model, oracle, ids, generate=attn == "sdpa", want=want)
+        assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+        specs = model.config.gisp_layers
+        for spec, lp, block in zip(specs, plan.layers, model.model.layers):
+            assert spec["kv_heads"] == len(lp.kv_heads) and spec["intermediate"] == len(lp.channels)
+            assert spec["q_heads"] == len(lp.q_heads) + len(spec["pad"])
+            if unit == "kv_group" or not src.shape.is_gqa:
+                assert spec["pad"] == []
+            if spec["q_heads"]:
+                assert block.self_attn.num_key_value_groups == spec["q_heads"] // spec["kv_heads"]
+        if s == 0:
+            assert decoder_linear_params(model) == src.shape.total_params and not any(sp["pad"] for sp in specs)
+
+
+# ---- layers that lose everything, uneven KV groups, hand-built plans
+def _extreme_plans(shape):
+    h, n = shape.num_heads, shape.intermediate
+    uneven = list(range(h - 1))  # 3 of 4 heads: with group size 2, groups of 2 and 1
+    return {
+        # layer 0 has neither attention nor MLP; uneven groups; a single head; untouched last layer
+        "mixed": [([], []), (uneven, []), ([h - 1], list(range(0, n, 3))), (list(range(h)), None)],
+        "nothing_left": [([], [])] * shape.num_layers,
+        "attention_only_in_last": [([], None)] * (shape.num_layers - 1) + [([1], [])],
+    }
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_empty_layers_and_uneven_groups(sources, name):
+    src = sources(name)
+    shape = src.shape
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    for what, layers in _extreme_plans(shape).items():
+        plan = hand_plan(shape, layers)
+        oracle, want = src.oracle(plan), None
+        for attn in ("eager", "sdpa"):
+            model = load(src.artifact, plan=plan, attn_implementation=attn)
+            want = assert_matches(model, oracle, _ids(), mask, want=want,
+                                  generate=attn == "sdpa" or what == "mixed")
+        pads = sum(len(sp["pad"]) for sp in model.config.gisp_layers)
+        assert decoder_linear_params(model) == plan.kept_params + pads * shape.q_head_params
+        if what == "mixed":
+            assert type(model.model.layers[0].self_attn).__name__ == "EmptyAttention"
+            assert type(model.model.layers[0].mlp).__name__ == "EmptyMLP"
+            expected = ({"q_heads": 4, "kv_heads": 2, "intermediate": 0, "pad": [3]} if shape.is_gqa else
+                        {"q_heads": 3, "kv_heads": 3, "intermediate": 0, "pad": []})
+            assert model.config.gisp_layers[1] == expected
+            assert pads == (1 if shape.is_gqa else 0)
+
+
+def test_group_of_four_padding_layout(sources):
+    """8 heads over 2 KV heads: keeping 3 + 1 pads group 1 with 2 zero heads; 1 + 4 pads group 0 with 3."""
+    src = sources("llama-gqa", num_attention_heads=8, num_key_value_heads=2)
+    shape = src.shape
+    plan = hand_plan(shape, [([0, 1, 2, 5], None), ([3, 4, 5, 6, 7], [1, 2]), ([], None), ([4], [])])
+    model = load(src.artifact, plan=plan)
+    assert [sp["q_heads"] for sp in model.config.gisp_layers] == [6, 8, 0, 1]
+    assert [sp["pad"] for sp in model.config.gisp_layers] == [[4, 5], [1, 2, 3], [], []]
+    assert decoder_linear_params(model) == plan.kept_params + 5 * shape.q_head_params
+    attn = model.model.layers[1].self_attn
+    hd = shape.head_dim
+    assert attn.num_key_value_groups == 4 and not attn.q_proj.weight[hd:4 * hd].any()
+    assert not attn.o_proj.weight[:, hd:4 * hd].any()
+    torch.testing.assert_close(attn.q_proj.weight[:hd], src.dense.model.layers[1].self_attn.q_proj.weight[3 * hd:4 * hd],
+                               atol=0, rtol=0)
+    assert_matches(model, src.oracle(plan), _ids())
+
+
+# ---- checkpoint variants: tied embeddings, bias everywhere, sharded bf16 weights of the example model
+def test_tied_embeddings_and_biases(sources):
+    src = sources("llama-gqa", tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    shape = src.shape
+    assert shape.o_bias and shape.mlp_bias and shape.q_bias
+    for plan in (plan_slice(src.artifact.ranking, 0.4), hand_plan(shape, _extreme_plans(shape)["mixed"])):
+        model = load(src.artifact, plan=plan)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+        assert_matches(model, src.oracle(plan), _ids())
+
+
+def test_sliding_window_cache_with_empty_layers(sources):
+    """Mistral with a window shorter than prompt + generation: the cache stub of an attention-less layer
+    must keep the sliding-window bookkeeping right."""
+    src = sources("mistral-gqa", sliding_window=5)
+    for layers in _extreme_plans(src.shape).values():
+        plan = hand_plan(src.shape, layers)
+        assert_matches(load(src.artifact, plan=plan), src.oracle(plan), _ids(2, 9))
+
+
+def test_sharded_bf16_example_model(tmp_path):
+    """The real example model: 3 shards + index, bf16, weights referenced not copied."""
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(EXAMPLE_MODEL))
+    ranking = prune(None, shape, None, PruneConfig(method="random", max_sparsity=0.5))
+    art = load_artifact(write_artifact(tmp_path / "a", EXAMPLE_MODEL, ranking, {"method": "random"},
+                                       copy_weights=False))
+    plan = plan_slice(art.ranking, 0.4)
+    model = load(art, 0.4, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+    with safe_open(str(EXAMPLE_MODEL / "model-00001-of-00003.safetensors"), framework="pt") as f:
+        name = next(k for k in f.keys() if k.endswith("mlp.down_proj.weight"))
+        layer = int(name.split(".")[2])
+        want = f.get_tensor(name)[:, list(plan.layers[layer].channels)]
+    assert torch.equal(model.get_submodule(name.rsplit(".", 1)[0]).weight, want)  # gathers are bit-exact
+    fp32 = load(art, plan=plan)
+    oracle = _dense(EXAMPLE_MODEL)
+    apply_oracle(oracle, plan)
+    assert_matches(fp32, oracle, _ids(1, 8), atol=1e-4)  # logits of a trained model are ~10
+
+
+# ---- the config round-trips: the next step exports it as config.json
+def test_config_roundtrip(sources, tmp_path):
+    from transformers import AutoConfig
+
+    src = sources("qwen2-gqa")
+    plan = hand_plan(src.shape, _extreme_plans(src.shape)["mixed"])
+    model = load(src.artifact, plan=plan)
+    assert json.loads(model.config.to_json_string())["gisp_layers"] == model.config.gisp_layers
+    model.config.save_pretrained(tmp_path)
+    rebuilt = build_model(AutoConfig.from_pretrained(tmp_path))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---- gathers and errors
+def test_take_rows_cols_read_only_what_is_kept(tmp_path):
+    w = torch.randn(40, 100)
+    b = torch.randn(40)
+    save_file({"w": w, "b": b}, str(tmp_path / "t.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    cases = [[], [5], list(range(10, 20)), sorted(torch.randperm(40, generator=g)[:17].tolist())]
+    col_cases = cases + [list(range(0, 100, 2))]  # 50 runs: more than MAX_COLUMN_RUNS
+    assert len(col_cases[-1]) > MAX_COLUMN_RUNS
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        for idx in cases:
+            t = torch.tensor(idx, dtype=torch.long)
+            assert torch.equal(take_rows(f.get_slice("w"), idx), w[t])
+            assert torch.equal(take_rows(f.get_slice("b"), idx), b[t])
+            assert torch.equal(take_rows(w, idx), w[t])
+        for idx in col_cases:
+            t = torch.tensor(idx, dtype=torch.long)
+            assert torch.equal(take_cols(f.get_slice("w"), idx), w[:, t])
+            assert torch.equal(take_cols(w, idx), w[:, t])
+
+
+def test_take_rows_cols_through_gather_kernels(monkeypatch):
+    """The CUDA path hands tensors to kernels/gather.py; run it here through Triton's interpreter."""
+    gather = pytest.importorskip("kernels.gather")
+    if not gather.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from gisp_deploy import loader
+
+    monkeypatch.setattr(loader, "_kernels_for", lambda t: gather)
+    w = torch.randn(24, 40).bfloat16()
+    for idx in ([], [3], [0, 1, 2, 7, 23]):
+        t = torch.tensor(idx, dtype=torch.long)
+        assert torch.equal(take_rows(w, idx), w[t])
+        assert torch.equal(take_cols(w, [i + 10 for i in idx]), w[:, t + 10])
+
+
+def test_errors_and_lazy_export(sources):
+    import gisp_deploy
+
+    assert gisp_deploy.load is load
+    src = sources("llama-gqa")
+    with pytest.raises(SparsityError, match="beyond what this artifact covers"):
+        load(src.artifact, 0.9)
+    with pytest.raises(ValueError, match="sparsity or a plan"):
+        load(src.artifact)
+    model = load(str(src.artifact.path), 0.3)  # a path works too
+    assert not model.training and model.generation_config.pad_token_id == 2
