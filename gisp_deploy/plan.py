@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from .families import ModelShape
-from .ranking import CHANNEL, HEAD, Ranking
+from .ranking import CHANNEL, Ranking
 
 
 @dataclass(frozen=True)
@@ -15,14 +17,23 @@ class LayerPlan:
     channels: tuple[int, ...]  # kept MLP channels
 
 
+def kept_params(s: ModelShape, layers) -> int:
+    """Decoder linear-layer parameters that a slice keeps (the sparsity's numerator complement)."""
+    fixed = (s.hidden if s.o_bias else 0) + (s.hidden if s.mlp_bias else 0)
+    return sum(len(lp.q_heads) * s.q_head_params + len(lp.kv_heads) * s.kv_head_params
+               + len(lp.channels) * s.channel_params + fixed for lp in layers)
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     shape: ModelShape
     unit: str
     sparsity: float  # requested
     achieved_sparsity: float
-    prefix: int  # number of ranking entries removed
+    prefix: int  # number of ranking entries removed (before deployment rounding)
     layers: tuple[LayerPlan, ...]
+    tp_size: int = 1
+    channel_multiple: int = 1
 
     def __post_init__(self):
         shape = self.shape
@@ -40,18 +51,98 @@ class SlicePlan:
 
     @property
     def kept_params(self) -> int:
-        s = self.shape
-        fixed = (s.hidden if s.o_bias else 0) + (s.hidden if s.mlp_bias else 0)
-        return sum(len(lp.q_heads) * s.q_head_params + len(lp.kv_heads) * s.kv_head_params
-                   + len(lp.channels) * s.channel_params + fixed for lp in self.layers)
+        return kept_params(self.shape, self.layers)
 
     def to_json(self) -> dict:
         return {"sparsity": self.sparsity, "achieved_sparsity": round(self.achieved_sparsity, 6),
+                "tp_size": self.tp_size, "channel_multiple": self.channel_multiple,
                 "layers": [{"layer": i, "q_heads": list(lp.q_heads), "kv_heads": list(lp.kv_heads),
                             "channels": list(lp.channels)} for i, lp in enumerate(self.layers)]}
 
 
-def plan_slice(ranking: Ranking, sparsity: float) -> SlicePlan:
+class RoundingError(ValueError):
+    pass
+
+
+def _layer_orders(ranking: Ranking):
+    """Per layer, heads (or KV groups) and channels from most to least important: never removed first,
+    then the latest removed. Keeping a prefix of these orders keeps slices nested."""
+    L = ranking.shape.num_layers
+    heads: list[list[int]] = [[] for _ in range(L)]
+    channels: list[list[int]] = [[] for _ in range(L)]
+    for layer, kind, index in zip(ranking.layer[::-1].tolist(), ranking.kind[::-1].tolist(),
+                                  ranking.index[::-1].tolist()):
+        (channels if kind == CHANNEL else heads)[layer].append(index)
+    return heads, channels
+
+
+def _heads_ok(q_heads: list[int], shape: ModelShape, tp: int) -> bool:
+    """Whether a layer's kept query heads can be split over `tp` ranks: query heads (after padding every
+    KV group to the layer's largest) divisible by tp; KV heads divisible by tp or dividing it."""
+    if not q_heads or tp == 1:
+        return True
+    groups: dict[int, int] = {}
+    for h in q_heads:
+        groups[h // shape.group_size] = groups.get(h // shape.group_size, 0) + 1
+    kv = len(groups)
+    padded_q = kv * max(groups.values())
+    return padded_q % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
+def _round_layer(order: list[int], kept: int, ok) -> int:
+    """Smallest count >= kept whose top-`count` prefix of `order` satisfies `ok` (monotone in kept)."""
+    for count in range(kept, len(order) + 1):
+        if ok(order[:count]):
+            return count
+    return -1
+
+
+def plan_slice(ranking: Ranking, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1) -> SlicePlan:
+    """The slice at `sparsity`: everything outside the shortest ranking prefix that reaches it.
+
+    With `tp_size` / `channel_multiple` > 1, each layer keeps more of its own top-ranked structures until
+    its widths can be split over `tp_size` ranks and its channel count is a multiple of `channel_multiple`
+    (deployment rounding); slices stay nested and the achieved sparsity reports what is really removed."""
+    for name, value in (("tp_size", tp_size), ("channel_multiple", channel_multiple)):
+        if not isinstance(value, int) or value < 1:
+            raise RoundingError(f"{name} must be a positive integer, got {value!r}")
+    plan = _plan_prefix(ranking, sparsity)
+    if tp_size == 1 and channel_multiple == 1:
+        return plan
+    shape, g = ranking.shape, ranking.shape.group_size
+    head_orders, channel_orders = _layer_orders(ranking)
+    layers = []
+    for i, lp in enumerate(plan.layers):
+        if ranking.unit == "kv_group":
+            expand = lambda groups: [h for grp in groups for h in range(grp * g, (grp + 1) * g)]  # noqa: E731
+            n = _round_layer(head_orders[i], len(lp.kv_heads), lambda pre: _heads_ok(expand(pre), shape, tp_size))
+            q = sorted(expand(head_orders[i][:n])) if n >= 0 else []
+        else:
+            n = _round_layer(head_orders[i], len(lp.q_heads), lambda pre: _heads_ok(pre, shape, tp_size))
+            q = sorted(head_orders[i][:n]) if n >= 0 else []
+        if n < 0:
+            raise RoundingError(
+                f"layer {i}: no number of its {shape.num_heads} query heads ({shape.num_kv_heads} KV heads) at or "
+                f"above the {len(lp.q_heads)} kept splits over tensor-parallel size {tp_size}; use a tp size that "
+                f"divides the model's heads")
+        step = math.lcm(channel_multiple, tp_size)
+        c = -(-len(lp.channels) // step) * step
+        if c > shape.intermediate:  # the full width is always deployable when it splits over the ranks
+            c = shape.intermediate if shape.intermediate % tp_size == 0 else -1
+        if c < 0:
+            raise RoundingError(
+                f"layer {i}: {len(lp.channels)} kept channels cannot be rounded to a multiple of {step} within its "
+                f"{shape.intermediate} channels, and {shape.intermediate} does not divide by tensor-parallel size "
+                f"{tp_size}; choose a --channel-multiple / --tp-size that divides {shape.intermediate}")
+        c_order = channel_orders[i]
+        layers.append(LayerPlan(q_heads=tuple(q), kv_heads=tuple(sorted({h // g for h in q})),
+                                channels=tuple(sorted(c_order[:c]))))
+    return SlicePlan(shape=shape, unit=ranking.unit, sparsity=plan.sparsity,
+                     achieved_sparsity=1 - kept_params(shape, layers) / shape.total_params, prefix=plan.prefix,
+                     layers=tuple(layers), tp_size=tp_size, channel_multiple=channel_multiple)
+
+
+def _plan_prefix(ranking: Ranking, sparsity: float) -> SlicePlan:
     """The slice at `sparsity`: everything outside the shortest ranking prefix that reaches it."""
     shape = ranking.shape
     prefix = ranking.prefix_length(sparsity)

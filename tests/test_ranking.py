@@ -108,3 +108,34 @@ def test_kv_group_unit_removes_whole_groups(tmp_path):
     for s in (0.1, 0.3, 0.5):
         for lp in plan_slice(ranking, s).layers:
             assert len(lp.q_heads) == len(lp.kv_heads) * shape.group_size
+
+
+@pytest.mark.parametrize("unit", ["q_head", "kv_group"])
+def test_deployment_rounding_keeps_slices_nested(tmp_path, unit):
+    from gisp_deploy.plan import RoundingError
+
+    model, shape = _load(make_model_dir(tmp_path, "llama-gqa", num_attention_heads=8, num_key_value_heads=4,
+                                        head_dim=4, intermediate_size=96))
+    ranking = prune(model, shape, None, PruneConfig(method="random", unit=unit, max_sparsity=0.7, protect_first=0,
+                                                    protect_last=0, seed=3))
+    sps = np.linspace(0, ranking.coverage, 25)
+    for tp, cm in ((2, 1), (2, 16), (4, 32), (1, 64)):
+        plans = [plan_slice(ranking, s, tp_size=tp, channel_multiple=cm) for s in sps]
+        for s, p in zip(sps, plans):
+            plain = plan_slice(ranking, s)
+            assert p.achieved_sparsity <= plain.achieved_sparsity + 1e-12
+            assert p.achieved_sparsity == pytest.approx(1 - p.kept_params / shape.total_params)
+            for lp, base in zip(p.layers, plain.layers):
+                assert set(base.q_heads) <= set(lp.q_heads) and set(base.channels) <= set(lp.channels)
+                assert len(lp.channels) % (cm * tp // np.gcd(cm, tp)) == 0 or len(lp.channels) == shape.intermediate
+                if lp.q_heads:
+                    groups = np.bincount([h // shape.group_size for h in lp.q_heads])
+                    kv, padded = np.count_nonzero(groups), np.count_nonzero(groups) * groups.max()
+                    assert padded % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+        for small, big in zip(plans, plans[1:]):
+            for a, b in zip(small.layers, big.layers):
+                assert set(b.q_heads) <= set(a.q_heads) and set(b.channels) <= set(a.channels)
+    with pytest.raises(RoundingError, match="tensor-parallel size 3"):
+        plan_slice(ranking, 0.0, tp_size=3)
+    with pytest.raises(RoundingError, match="positive integer"):
+        plan_slice(ranking, 0.3, tp_size=0)
