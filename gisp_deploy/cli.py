@@ -183,31 +183,36 @@ def eval_(
     batch_size: int = typer.Option(16, help="Windows per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    path: str = typer.Option("compact", help="compact: load each slice as a smaller model; oracle: the dense "
+                             "model with removed structures zeroed (what the slice must compute)."),
+    tp_size: int = typer.Option(1, help="Round per-layer widths for this tensor-parallel size."),
+    channel_multiple: int = typer.Option(1, help="Round per-layer MLP widths to a multiple of N."),
     as_json: bool = typer.Option(False, "--json", help="Print {\"results\": [...]} as JSON on stdout."),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact."""
     from .artifact import load_artifact
     from .evaluate import evaluate_slices
-    from .prune_run import load_model, load_tokenizer, pick_device, pick_dtype
+    from .plan import plan_slice
+    from .prune_run import load_tokenizer, pick_device, pick_dtype
     from .ranking import parse_sparsities
 
     if not text and not task:
         raise ValueError("nothing to evaluate: pass --text FILE (perplexity) and/or --task FILE.jsonl (accuracy)")
     art = load_artifact(artifact)
     sps = parse_sparsities(sparsity)
-    for s in sps:
-        art.ranking.prefix_length(s)  # refuse out-of-coverage sparsities before loading anything
+    for s in sps:  # refuse out-of-coverage or unroundable sparsities before loading anything
+        plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
     lens = [int(x) for x in seq_len.split(",") if x]
     if not lens or min(lens) < 2:
         raise ValueError(f"--seq-len {seq_len!r}: give context lengths >= 2, e.g. 128,512")
     dev = pick_device(device)
-    model = load_model(art.weights_dir, dev, pick_dtype(dtype, dev))
     tok = load_tokenizer(art.path)
     with progress_bar() as progress:
         bar = progress.add_task("evaluating", total=None)
-        records = evaluate_slices(model, art.ranking, tok, sps, [str(t) for t in text], lens,
-                                  max_tokens or None, batch_size, progress=lambda n: progress.advance(bar, n),
-                                  tasks=[str(t) for t in task])
+        records = evaluate_slices(art, tok, sps, [str(t) for t in text], lens, path=path, device=dev,
+                                  dtype=pick_dtype(dtype, dev), tp_size=tp_size, channel_multiple=channel_multiple,
+                                  max_tokens=max_tokens or None, batch_size=batch_size,
+                                  progress=lambda n: progress.advance(bar, n), tasks=[str(t) for t in task])
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")

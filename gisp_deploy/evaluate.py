@@ -9,6 +9,7 @@ import torch
 
 from .data import token_stream
 from .objectives import sequence_nll
+from .loader import load
 from .plan import plan_slice
 from .scoring import apply_oracle
 from .tasks import task_accuracy
@@ -51,26 +52,33 @@ class OracleSlicer:
         return self.model
 
 
-def evaluate_slices(model, ranking, tokenizer, sparsities, texts, seq_lens, max_tokens: int | None = 65536,
-                    batch_size: int = 16, progress=None, tasks=()) -> list[dict]:
-    """One record per (sparsity, text, seq_len) with the slice's perplexity, and per (sparsity, task)
-    with its multiple-choice accuracy, computed on the oracle."""
+def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), *, path: str = "compact",
+                    device="cpu", dtype=torch.float32, tp_size: int = 1, channel_multiple: int = 1,
+                    max_tokens: int | None = 65536, batch_size: int = 16, progress=None, tasks=()) -> list[dict]:
+    """One record per (sparsity, text, seq_len) with the slice's perplexity, and per (sparsity, task) with
+    its multiple-choice accuracy. path="compact" loads each slice as a smaller model; "oracle" zeroes the
+    removed structures of the dense model (what the compact model must compute)."""
+    if path not in ("compact", "oracle"):
+        raise ValueError(f"unknown evaluation path {path!r}; choose compact or oracle")
     streams = {}
     for t in texts:
         stream = token_stream(tokenizer, [t])
         streams[Path(t).name] = stream[:max_tokens] if max_tokens else stream
-    slicer = OracleSlicer(model)
+    slicer = None
+    if path == "oracle":
+        from .prune_run import load_model
+
+        slicer = OracleSlicer(load_model(artifact.weights_dir, torch.device(device), dtype))
     records = []
     for s in sparsities:
-        plan = plan_slice(ranking, s)
-        sliced = slicer.apply(plan)
+        plan = plan_slice(artifact.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
+        model = slicer.apply(plan) if slicer else load(artifact, plan=plan, device=device, dtype=dtype)
+        base = {"sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6), "path": path}
         for name, stream in streams.items():
             for L in seq_lens:
-                ppl, count = perplexity(sliced, stream, L, batch_size, progress)
-                records.append({"sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6), "text": name,
-                                "seq_len": L, "perplexity": ppl, "tokens": count, "path": "oracle"})
+                ppl, count = perplexity(model, stream, L, batch_size, progress)
+                records.append({**base, "text": name, "seq_len": L, "perplexity": ppl, "tokens": count})
         for task in tasks:
-            acc = task_accuracy(sliced, tokenizer, task, batch_size=batch_size)
-            records.append({"sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6), **acc,
-                            "path": "oracle"})
+            records.append({**base, **task_accuracy(model, tokenizer, task, batch_size=batch_size)})
+        del model
     return records

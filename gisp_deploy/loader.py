@@ -196,14 +196,16 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 
 def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
-         plan: SlicePlan | None = None, attn_implementation: str | None = None) -> nn.Module:
-    """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model."""
+         tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
+         attn_implementation: str | None = None) -> nn.Module:
+    """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model;
+    `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice)."""
     if not hasattr(artifact, "ranking"):
         artifact = load_artifact(artifact)
     if plan is None:
         if sparsity is None:
             raise ValueError("pass a sparsity or a plan")
-        plan = plan_slice(artifact.ranking, sparsity)
+        plan = plan_slice(artifact.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
     elif plan.shape != artifact.shape:
         raise ValueError("the plan was made for a model of another shape than the artifact's")
     device = torch.device(device)

@@ -66,6 +66,12 @@ def test_eval_json_records(artifact):
     dense = [r["perplexity"] for r in recs if r["sparsity"] == 0]
     pruned = [r["perplexity"] for r in recs if r["sparsity"] == 0.4]
     assert dense != pruned
+    assert {r["path"] for r in recs} == {"compact"}
+    oracle = cli("eval", artifact, "--sparsity", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-len", "32,64",
+                 "--max-tokens", "2048", "--json", "--path", "oracle")
+    assert oracle.returncode == 0, oracle.stderr
+    for a, b in zip(recs, json.loads(oracle.stdout)["results"]):
+        assert b["path"] == "oracle" and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
 
 
 @pytest.mark.parametrize("bad,message", [("-0.1", "out of range"), ("nan", "out of range"), ("1.5", "out of range"),
