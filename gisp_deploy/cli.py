@@ -18,7 +18,8 @@ app = typer.Typer(
     help="Prune once with GISP, then cut any sparsity out of one artifact at load time.\n\n"
          "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
          "  gisp-deploy inspect ARTIFACT --sparsity 0.2,0.4\n"
-         "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt")
+         "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt\n"
+         "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40")
 console = Console(stderr=True)
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)
 
@@ -228,6 +229,54 @@ def eval_(
             table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["task"], "", "",
                           f"{r['accuracy']:.3f} ({r['items']} items)")
     Console().print(table)
+
+
+EXPORT_EXAMPLES = """
+[bold]Examples[/]
+
+  # the 40% slice as a model directory, in the source checkpoint's dtype
+  gisp-deploy export llama3-gisp --sparsity 0.4 --out llama3-40
+
+  # widths split over 2 GPUs, MLP sizes a multiple of 128, bf16
+  gisp-deploy export llama3-gisp --sparsity 0.4 --tp-size 2 \\
+      --channel-multiple 128 --dtype bfloat16 --out llama3-40-tp2
+
+  # load it (gisp-deploy installed: `import gisp_deploy` first;
+  # elsewhere: pass trust_remote_code=True)
+  AutoModelForCausalLM.from_pretrained("llama3-40")
+"""
+
+
+@app.command(epilog=EXPORT_EXAMPLES)
+@friendly
+def export(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    sparsity: str = typer.Option(..., help="The sparsity of the slice to export (one value, e.g. 0.4)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (atomically)."),
+    tp_size: int = typer.Option(1, help="Round per-layer widths so they split over this tensor-parallel size."),
+    channel_multiple: int = typer.Option(1, help="Round per-layer MLP widths to a multiple of N (e.g. 64, 128)."),
+    dtype: str = typer.Option("auto", help="auto (the source checkpoint's) | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, help="Replace an existing directory at --out."),
+):
+    """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
+    per-layer sizes) that AutoModelForCausalLM loads."""
+    from .artifact import load_artifact
+    from .export import export_slice
+    from .ranking import SparsityError, parse_sparsities
+
+    sps = parse_sparsities(sparsity)
+    if len(sps) != 1:
+        raise SparsityError(f"--sparsity {sparsity!r}: export writes one slice; give one value, e.g. --sparsity 0.4")
+    if out.exists() and not overwrite:  # before any loading
+        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
+    art = load_artifact(artifact)
+    summary = export_slice(art, out, sps[0], tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
+                           overwrite=overwrite)
+    console.print(
+        f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g} "
+        f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "
+        f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
+        soft_wrap=True)
 
 
 def main():

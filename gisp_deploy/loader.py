@@ -1,8 +1,8 @@
 """Load a slice of an artifact as a physically smaller transformers model.
 
-Only the kept rows / columns of each dense tensor are read (on the CPU from the memory-mapped
-safetensors files; on CUDA from one whole tensor at a time on the device), so peak memory is about
-the compact model plus one dense tensor.
+Only the kept rows / columns of each dense tensor are copied (on the CPU with one index_select from
+the memory-mapped safetensors file, which pages in what it reads; on CUDA from one whole tensor at a
+time on the device), so peak anonymous memory is about the compact model plus one dense tensor.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def take_rows(src, idx) -> torch.Tensor:
     """src[idx] along dim 0. `src` is a tensor or a safetensors slice (then only those rows are read)."""
     idx = [int(i) for i in idx]
     if isinstance(src, torch.Tensor):
+        if idx == list(range(src.shape[0])):
+            return src  # everything kept: no copy (a memory-mapped tensor stays mapped)
         gather = _kernels_for(src)
         keep = torch.tensor(idx, dtype=torch.long)
         if gather is not None:
@@ -64,6 +66,8 @@ def take_cols(src, idx) -> torch.Tensor:
     """src[:, idx]. `src` is a tensor or a safetensors slice (whole tensor read when columns are scattered)."""
     idx = [int(i) for i in idx]
     if isinstance(src, torch.Tensor):
+        if idx == list(range(src.shape[1])):
+            return src
         gather = _kernels_for(src)
         keep = torch.tensor(idx, dtype=torch.long)
         if gather is not None:
@@ -122,11 +126,10 @@ class WeightReader:
         return name in self.where
 
     def source(self, name: str):
-        """A lazily read slice on the CPU; the whole tensor on a GPU (gathered there)."""
+        """The tensor: memory-mapped (zero-copy, pages read on touch) on the CPU, whole on a GPU."""
         if name not in self.where:
             raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
-        f = self._open(self.where[name])
-        return f.get_slice(name) if self.device == "cpu" else f.get_tensor(name)
+        return self._open(self.where[name]).get_tensor(name)
 
     def close(self):
         self._stack.close()

@@ -1,7 +1,7 @@
 """Compact causal LMs: a family's own transformers classes with every decoder layer at its own widths.
 
 A slice keeps, per layer, some query heads, the KV heads they read and some MLP channels. The compact
-model is the family's `*ForCausalLM` built on the meta device, then each decoder layer is shrunk by
+model is the family's `*ForCausalLM` built as usual, then each decoder layer is shrunk by
 `shrink_layer` (the one place that knows how). Per-layer widths are recorded in `config.gisp_layers`:
 
     [{"q_heads": 6, "kv_heads": 2, "intermediate": 700, "pad": [2, 5]}, ...]
@@ -13,6 +13,16 @@ group with dummy heads whose q rows and o columns are zero (exactly the same out
 heads are laid out group by group, kept heads in original order, then that group's dummies.
 A layer with no query head has no attention (`EmptyAttention`: o_proj bias, else zero); a layer with
 no channel has no MLP (`EmptyMLP`: down_proj bias, else zero).
+
+Per family there is a config class and a model class (`GispLlamaConfig` / `GispLlamaForCausalLM`,
+model_type "gisp_llama"; likewise Mistral, Qwen2, Qwen3): the family's own classes, with the layers
+shrunk per `config.gisp_layers` before `post_init`. Importing this module as `gisp_deploy.modeling`
+registers them with transformers' AutoConfig / AutoModelForCausalLM (`import gisp_deploy` arranges that
+lazily, see gisp_deploy/_register.py).
+
+This file is self-contained (torch, transformers and the standard library only, no relative imports):
+`gisp-deploy export` copies it verbatim next to the weights as the `trust_remote_code` modeling file, so
+an exported slice loads where gisp-deploy is not installed. Keep it that way.
 """
 
 from __future__ import annotations
@@ -22,8 +32,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-
-from .families import family_for
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 CONFIG_KEY = "gisp_layers"
 
@@ -67,9 +85,9 @@ def padding_params(plan) -> int:
 
 
 def compact_config(config, plan, dtype: torch.dtype | None = None):
-    """A copy of the dense config that records the slice's per-layer widths (see module docstring)."""
+    """The Gisp* config of the slice: the dense config's values plus its per-layer widths (module docstring)."""
     shape = plan.shape
-    cfg = copy.deepcopy(config)
+    cfg = gisp_config(config)
     cfg.head_dim = shape.head_dim  # the dense head count no longer determines it
     setattr(cfg, CONFIG_KEY, [lay.spec() for lay in plan_layouts(plan)])
     cfg.gisp_slice = {"unit": plan.unit, "sparsity": plan.sparsity,
@@ -84,7 +102,7 @@ class BiasOnly(nn.Module):
 
     def __init__(self, out_features: int):
         super().__init__()
-        self.bias = nn.Parameter(torch.empty(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
 
 
 class EmptyAttention(nn.Module):
@@ -150,10 +168,100 @@ def shrink_layer(block: nn.Module, q_heads: int, kv_heads: int, intermediate: in
         mlp.intermediate_size = intermediate
 
 
-def model_class(config):
-    import transformers
+def shrink_model(model: nn.Module) -> None:
+    """Shrink every decoder layer of a freshly built family model to the widths in `model.config.gisp_layers`."""
+    config = model.config
+    layers = getattr(config, CONFIG_KEY, None)
+    if not isinstance(layers, (list, tuple)) or len(layers) != len(model.model.layers):
+        raise ValueError(f"config has no valid {CONFIG_KEY!r} (one entry per decoder layer, "
+                         f"{len(model.model.layers)} here); build it with compact_config")
+    for block, spec in zip(model.model.layers, layers):
+        shrink_layer(block, spec["q_heads"], spec["kv_heads"], spec["intermediate"], config.head_dim)
 
-    return getattr(transformers, family_for(config).architectures[0])
+
+class _CompactLayers:
+    """Mixin for a family's *ForCausalLM: its __init__ builds the dense layers (on the meta device under
+    from_pretrained), then, just before transformers' post_init bookkeeping, they are shrunk per config."""
+
+    def post_init(self):
+        if not getattr(self, "_gisp_shrunk", False):
+            shrink_model(self)
+            self._gisp_shrunk = True
+        super().post_init()
+
+
+# ---- one config class and one model class per family; a vLLM plugin registers the same architecture names
+class GispLlamaConfig(LlamaConfig):
+    model_type = "gisp_llama"
+    gisp_layers: list | None = None  # per-layer widths, see the module docstring
+    gisp_slice: dict | None = None  # provenance: unit, sparsity requested / achieved, source artifact...
+
+
+class GispMistralConfig(MistralConfig):
+    model_type = "gisp_mistral"
+    gisp_layers: list | None = None
+    gisp_slice: dict | None = None
+
+
+class GispQwen2Config(Qwen2Config):
+    model_type = "gisp_qwen2"
+    gisp_layers: list | None = None
+    gisp_slice: dict | None = None
+
+
+class GispQwen3Config(Qwen3Config):
+    model_type = "gisp_qwen3"
+    gisp_layers: list | None = None
+    gisp_slice: dict | None = None
+
+
+class GispLlamaForCausalLM(_CompactLayers, LlamaForCausalLM):
+    config_class = GispLlamaConfig
+
+
+class GispMistralForCausalLM(_CompactLayers, MistralForCausalLM):
+    config_class = GispMistralConfig
+
+
+class GispQwen2ForCausalLM(_CompactLayers, Qwen2ForCausalLM):
+    config_class = GispQwen2Config
+
+
+class GispQwen3ForCausalLM(_CompactLayers, Qwen3ForCausalLM):
+    config_class = GispQwen3Config
+
+
+# source model_type -> (Gisp config class, Gisp model class)
+GISP_CLASSES = {
+    "llama": (GispLlamaConfig, GispLlamaForCausalLM),
+    "mistral": (GispMistralConfig, GispMistralForCausalLM),
+    "qwen2": (GispQwen2Config, GispQwen2ForCausalLM),
+    "qwen3": (GispQwen3Config, GispQwen3ForCausalLM),
+}
+
+
+def _classes_for(config) -> tuple:
+    model_type = getattr(config, "model_type", None)
+    for source_type, classes in GISP_CLASSES.items():
+        if model_type in (source_type, classes[0].model_type):
+            return classes
+    raise ValueError(f"no compact model class for model_type {model_type!r}; supported: "
+                     f"{', '.join(GISP_CLASSES)} (and their gisp_* forms)")
+
+
+def gisp_config(config):
+    """`config` (a supported family's config, or already a Gisp* one) as a new Gisp* config with the same values."""
+    config_cls, model_cls = _classes_for(config)
+    if isinstance(config, config_cls):
+        return copy.deepcopy(config)
+    values = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    values["architectures"] = [model_cls.__name__]
+    return config_cls.from_dict(values)
+
+
+def model_class(config):
+    """The Gisp* causal-LM class for `config` (a family's config or its Gisp* form)."""
+    return _classes_for(config)[1]
 
 
 def build_model(config, attn_implementation: str | None = None) -> nn.Module:
@@ -162,13 +270,12 @@ def build_model(config, attn_implementation: str | None = None) -> nn.Module:
     if layers is None or len(layers) != config.num_hidden_layers:
         raise ValueError(f"config has no valid {CONFIG_KEY!r} (one entry per decoder layer); build it with "
                          "compact_config")
+    if not isinstance(config, _classes_for(config)[0]):
+        config = gisp_config(config)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = model_class(config)(config)
-        for block, spec in zip(model.model.layers, layers):
-            shrink_layer(block, spec["q_heads"], spec["kv_heads"], spec["intermediate"], config.head_dim)
-    return model
+        return model_class(config)(config)
 
 
 def materialize_buffers(model: nn.Module, device) -> None:
@@ -178,3 +285,16 @@ def materialize_buffers(model: nn.Module, device) -> None:
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise RuntimeError(f"buffers still on the meta device after loading: {left}")
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM resolve the gisp_* model types to these classes (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config_cls, model_cls in GISP_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+if __name__ == "gisp_deploy.modeling":  # a remote-code copy of this file is registered by transformers itself
+    register()
