@@ -168,8 +168,10 @@ def _selection(key: str, layouts, head_dim: int):
     return None, None  # q_norm / k_norm (Qwen3): shared over heads
 
 
-def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype) -> dict:
-    """The compact model's state dict, gathered from the dense checkpoint; tied weights left out."""
+def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
+                    copy_mapped: bool = True) -> dict:
+    """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
+    With copy_mapped=False, tensors kept whole stay memory-mapped (as transformers loads a dense model)."""
     tied = set(_tied_keys(model))
     sd = {}
     for key, meta in model.state_dict().items():
@@ -186,7 +188,11 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
         if tuple(t.shape) != tuple(meta.shape):
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, the slice needs "
                                 f"{tuple(meta.shape)}; the weights do not match the artifact's config")
-        sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
+        t = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
+        mapped_view = src.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+        if copy_mapped and mapped_view:
+            t = t.clone()  # a view would keep the whole memory-mapped checkpoint file mapped
+        sd[key] = t
         del src, t
     return sd
 
@@ -217,7 +223,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     model = build_model(config, attn_implementation)
     read_dev = "cpu" if device.type == "cpu" else str(device)
     with WeightReader(artifact.weights_dir, read_dev) as reader:
-        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype)
+        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
+                             copy_mapped=plan.kept_params < plan.shape.total_params)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     tied = _tied_keys(model)
