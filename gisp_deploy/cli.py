@@ -279,6 +279,60 @@ def export(
         soft_wrap=True)
 
 
+CHECK_EXAMPLES = """
+[bold]Examples[/]
+
+  # integrity, nesting, and each slice loads and matches the oracle
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4,0.5
+
+  # quality gates and CI reports; exit status 1 when anything fails
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --text heldout.txt --max-ppl-ratio 1.6 \\
+      --task task.jsonl --min-accuracy 0.5 --junit check.xml --json check.json
+"""
+
+
+@app.command(epilog=CHECK_EXAMPLES)
+@friendly
+def check(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    sparsities: str = typer.Option("0.2,0.4,0.5", help="Comma-separated sparsities that you deploy."),
+    text: Optional[Path] = typer.Option(None, help="Held-out text: probe tokens, and perplexity for --max-ppl-ratio."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, help="Fail a slice whose perplexity exceeds R x dense."),
+    seq_len: int = typer.Option(128, help="Context length of the perplexity check."),
+    task: Optional[Path] = typer.Option(None, help="Multiple-choice JSONL for --min-accuracy."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Fail a slice whose task accuracy is below A."),
+    tp_size: int = typer.Option(1, help="Check the slices rounded for this tensor-parallel size."),
+    channel_multiple: int = typer.Option(1, help="Check the slices with MLP widths rounded to a multiple of N."),
+    junit: Optional[Path] = typer.Option(None, help="Write a JUnit XML report here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write a JSON report here."),
+):
+    """Check an artifact and each deployed slice; exit 1 if any check fails."""
+    from .check import check_artifact, write_json, write_junit
+    from .ranking import parse_sparsities
+
+    sps = parse_sparsities(sparsities)
+    if max_ppl_ratio is not None and text is None:
+        raise ValueError("--max-ppl-ratio needs --text FILE to measure perplexity on")
+    if min_accuracy is not None and task is None:
+        raise ValueError("--min-accuracy needs --task FILE.jsonl")
+
+    def show(r):
+        mark = "[green]PASS[/]" if r.ok else "[bold red]FAIL[/]"
+        console.print(f"{mark} {r.name}: {r.message}", soft_wrap=True, highlight=False)
+
+    checker = check_artifact(artifact, sps, text=text, seq_len=seq_len, max_ppl_ratio=max_ppl_ratio, task=task,
+                             min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple,
+                             progress=show)
+    if junit:
+        write_junit(checker, junit, f"gisp-deploy check {artifact.name}")
+    if json_out:
+        write_json(checker, json_out, str(artifact))
+    failed = [r for r in checker.results if not r.ok]
+    console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 def main():
     app()
 
