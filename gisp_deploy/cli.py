@@ -111,10 +111,18 @@ def prune(
     cfg = PruneConfig(method=method, unit=unit, objective=objective, steps=steps, max_sparsity=max_sparsity,
                       schedule=schedule, normalization=normalization, protect_first=protect_first,
                       protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
-    with progress_bar() as progress:
-        summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
-                            copy_weights=copy_weights, on_pass=pass_reporter(progress),
-                            log=lambda m: progress.console.print(m))
+    from .prune_run import partial_dir
+
+    try:
+        with progress_bar() as progress:
+            summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, resume=resume,
+                                overwrite=overwrite, copy_weights=copy_weights, on_pass=pass_reporter(progress),
+                                log=lambda m: progress.console.print(m))
+    except KeyboardInterrupt:
+        where = partial_dir(out)
+        kept = f"progress up to the last completed step is kept in {where}; " if where.exists() else ""
+        console.print(f"[yellow]interrupted[/]: {kept}rerun the same command with --resume", soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(
         f"[green]wrote[/] {summary['artifact']}: {summary['method']}, {summary['covered']}/{summary['structures']} "
         f"structures ranked, covers sparsity up to {summary['coverage']:.4f}; {summary['wall_s']:.1f} s, "

@@ -135,3 +135,22 @@ def test_resume_refuses_changed_options(tmp_path):
     (partial_dir(out) / "run.json").write_text(json.dumps({"config": {"steps": 99}}))
     with pytest.raises(ValueError, match="differs from the saved one"):
         run_prune(str(model_dir), [CALIB_TEXT], out, PruneConfig(samples=2, seq_len=16), resume=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_progress_and_says_how_to_resume(tmp_path):
+    args = ["prune", EXAMPLE_MODEL, "--calib", CALIB_TEXT, "--samples", "16", "--seq-len", "64", "--batch-size", "8",
+            "--steps", "5", "--max-sparsity", "0.3", "--dtype", "float32", "--device", "cpu", "--out", tmp_path / "a"]
+    state = partial_dir(tmp_path / "a") / "state.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    assert state.exists() and not (tmp_path / "a").exists()
+    resumed = _cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_artifact(tmp_path / "a").ranking.coverage >= 0.3
