@@ -21,3 +21,4 @@ step "gpu tests" python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tai
 step "prune smoke on cuda" python bench/gpu_smoke.py --out "$OUT" 2>&1 | tail -30
 step "gather bandwidth" python bench/gpu_gather.py --out "$OUT" 2>&1 | tail -40
 step "scoring throughput" python bench/gpu_scoring.py --out "$OUT" 2>&1 | tail -20
+LIMIT=300 step "load to GPU (7B shape)" python bench/gpu_load.py --out "$OUT" 2>&1 | tail -20
