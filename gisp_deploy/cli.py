@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -33,7 +34,7 @@ def friendly(fn):
         except typer.Exit:
             raise
         except EXPECTED_ERRORS as e:
-            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -339,6 +340,15 @@ def check(
     console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _register_serve():
+    from .serve import SERVE_EXAMPLES, serve_command
+
+    app.command("serve", epilog=SERVE_EXAMPLES)(friendly(serve_command))
+
+
+_register_serve()
 
 
 def main():
