@@ -20,7 +20,9 @@ app = typer.Typer(
          "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
          "  gisp-deploy inspect ARTIFACT --sparsity 0.2,0.4\n"
          "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt\n"
-         "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40")
+         "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40\n"
+         "  gisp-deploy serve ARTIFACT --sparsity 0.4\n"
+         "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5")
 console = Console(stderr=True)
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)
 
