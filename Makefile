@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test check-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The prune-once-check-many flow of examples/ci/gisp-check.yml, locally in one command.
+check-demo: install
+	$(BIN)/gisp-deploy prune examples/tiny-llama-gqa-19m --calib examples/data/train --out runs/check --overwrite \
+		--samples 16 --seq-len 128 --batch-size 16 --steps 3 --max-sparsity 0.5
+	$(BIN)/gisp-deploy check runs/check --sparsities 0.2,0.4,0.5 --text examples/data/heldout/persuasion.txt.gz \
+		--max-ppl-ratio 2.0 --junit runs/check.xml --json runs/check.json
 
 bench: install
 	$(BIN)/python bench/methods_table.py
