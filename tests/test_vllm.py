@@ -31,9 +31,10 @@ from gisp_deploy.artifact import load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
 from gisp_deploy.loader import load
 from gisp_deploy.methods import PruneConfig, prune
-from gisp_deploy.plan import LayerPlan, SlicePlan, plan_slice
+from gisp_deploy.plan import SlicePlan, plan_slice
 from gisp_deploy.serve import (ServeError, is_exported, require_vllm, slice_summary, vllm_command, vllm_overrides)
 from tests.factory import make_model_dir
+from tests.test_modeling import hand_plan
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
@@ -83,15 +84,6 @@ def artifacts(tmp_path_factory):
             made[key] = write_artifact(out, model_dir, ranking, {"method": "random"}, copy_weights=copy_weights)
         return made[key]
     return get
-
-
-def hand_plan(shape, layers, unit="q_head") -> SlicePlan:
-    g = shape.group_size
-    lps = tuple(LayerPlan(q_heads=tuple(q), kv_heads=tuple(sorted({h // g for h in q})),
-                          channels=tuple(range(shape.intermediate)) if c is None else tuple(c)) for q, c in layers)
-    probe = SlicePlan(shape=shape, unit=unit, sparsity=0.0, achieved_sparsity=0.0, prefix=0, layers=lps)
-    achieved = 1 - probe.kept_params / shape.total_params
-    return SlicePlan(shape=shape, unit=unit, sparsity=achieved, achieved_sparsity=achieved, prefix=0, layers=lps)
 
 
 def mixed_plan(shape) -> SlicePlan:
