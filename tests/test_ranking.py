@@ -6,7 +6,7 @@ from gisp_deploy.families import ModelShape
 from gisp_deploy.methods import PruneConfig, prune
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.ranking import CHANNEL, HEAD, Ranking, SparsityError, parse_sparsities
-from tests.factory import FAMILIES, make_model_dir
+from tests.factory import make_model_dir
 
 
 def _load(path):
