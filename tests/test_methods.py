@@ -142,8 +142,10 @@ def test_ctrl_c_keeps_progress_and_says_how_to_resume(tmp_path):
     args = ["prune", EXAMPLE_MODEL, "--calib", CALIB_TEXT, "--samples", "16", "--seq-len", "64", "--batch-size", "8",
             "--steps", "5", "--max-sparsity", "0.3", "--dtype", "float32", "--device", "cpu", "--out", tmp_path / "a"]
     state = partial_dir(tmp_path / "a") / "state.safetensors"
+    # a background CI shell starts us with SIGINT ignored, which the child would inherit: restore the default
     proc = subprocess.Popen([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not state.exists():
         time.sleep(0.02)
