@@ -99,7 +99,7 @@ def tokenize_text(tokenizer, text: str, chunk_chars: int = 1 << 16) -> list[int]
 def token_stream(tokenizer, paths) -> torch.Tensor:
     """All text files' tokens, one document after another, separated by EOS when the tokenizer has one."""
     files = expand_paths(paths)
-    texts = [f for f in files if _is(f, TEXT_SUFFIXES) or not _is(f, JSONL_SUFFIXES)]
+    texts = [f for f in files if not _is(f, JSONL_SUFFIXES)]
     if not texts:
         raise DataError(f"no text files among {', '.join(map(str, paths))}")
     eos = tokenizer.eos_token_id

@@ -40,8 +40,7 @@ class OracleSlicer:
 
     def __init__(self, model):
         self.model = model
-        self.saved = {n: p.detach().clone() for n, p in model.named_parameters()
-                      if any(k in n for k in ("_proj.",))}
+        self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if "_proj." in n}
 
     @torch.no_grad()
     def apply(self, plan):
