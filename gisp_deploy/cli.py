@@ -299,6 +299,9 @@ CHECK_EXAMPLES = """
   # quality gates and CI reports; exit status 1 when anything fails
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --text heldout.txt --max-ppl-ratio 1.6 \\
       --task task.jsonl --min-accuracy 0.5 --junit check.xml --json check.json
+
+  # also run every slice in vLLM: its greedy tokens must equal the compact model's (needs gisp-deploy[vllm])
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --serve
 """
 
 
@@ -316,11 +319,18 @@ def check(
     channel_multiple: int = typer.Option(1, help="Check the slices with MLP widths rounded to a multiple of N."),
     junit: Optional[Path] = typer.Option(None, help="Write a JUnit XML report here."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write a JSON report here."),
+    serve: bool = typer.Option(False, "--serve", help="Also run each slice in vLLM (as `gisp-deploy serve` does) and "
+                               "check that its greedy tokens on probe prompts equal the compact model's."),
+    serve_timeout: float = typer.Option(1800.0, help="Seconds vLLM may take for all slices of --serve together."),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
     from .check import check_artifact, write_json, write_junit
     from .ranking import parse_sparsities
 
+    if serve:  # before anything is loaded
+        from .serve import require_vllm
+
+        require_vllm()
     sps = parse_sparsities(sparsities)
     if max_ppl_ratio is not None and text is None:
         raise ValueError("--max-ppl-ratio needs --text FILE to measure perplexity on")
@@ -333,7 +343,7 @@ def check(
 
     checker = check_artifact(artifact, sps, text=text, seq_len=seq_len, max_ppl_ratio=max_ppl_ratio, task=task,
                              min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple,
-                             progress=show)
+                             serve=serve, serve_timeout=serve_timeout, progress=show)
     if junit:
         write_junit(checker, junit, f"gisp-deploy check {artifact.name}")
     if json_out:
