@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -26,6 +28,93 @@ SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 
 class ArtifactError(ValueError):
     pass
+
+
+class WriteError(ArtifactError):
+    """Writing failed for a reason of the destination (disk full, file-size limit, no permission); `cause` is
+    the first part of the message ("cannot write X: No space left on device (the disk is full)")."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause or message
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "the file-size limit of the disk or of `ulimit -f` was hit",
+                errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+                errno.EROFS: "the file system is read-only", errno.EIO: "an I/O error"}
+
+
+def write_failure(e: BaseException, within: Path | None = None) -> tuple[int, str] | None:
+    """(errno, what it means) when `e` is a failed write that the user fixes at the destination, else None.
+    A full disk or a size limit always is; a permission or I/O error only on a file under `within` (else it may
+    be the source that could not be read). safetensors reports write errors as SafetensorError("... I/O error:
+    File too large (os error 27)")."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and type(e).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return code, WRITE_ERRNOS[code]
+    name = getattr(e, "filename", None)
+    if code in WRITE_ERRNOS and within is not None and name and str(Path(name).resolve()).startswith(
+            str(Path(within).resolve())):
+        return code, WRITE_ERRNOS[code]
+    return None
+
+
+def write_error(e: BaseException, target: Path, consequence: str, within: Path | None = None,
+                fix: str | None = None) -> WriteError:
+    """A one-line WriteError for a failed write to `target`: the cause, what it left, and the fix."""
+    code, meaning = write_failure(e, within)
+    cause = f"cannot write {target}: {os.strerror(code)} ({meaning})"
+    if fix is None:
+        fix = ("choose a writable --out" if code in (errno.EACCES, errno.EPERM, errno.EROFS)
+               else "free some space (or choose an --out on another disk) and run the command again")
+    return WriteError(f"{cause}; {consequence}; {fix}", cause)
+
+
+def ensure_writable_parent(final: Path) -> None:
+    """Fail early, before any work, when nothing can be written next to `final` (creating its parent if needed)."""
+    parent = Path(final).resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ArtifactError(f"cannot write {final}: {probe} is a file, not a directory; choose another --out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ArtifactError(f"cannot write in {parent}: {e.strerror}; choose a writable --out") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(final: Path) -> None:
+    """Clear what a writer of `final` killed mid-way (SIGKILL, power loss) left next to it: its temporary
+    directory is removed; the previous version it had moved aside to replace is put back if `final` is missing."""
+    final = Path(final)
+    parent = final.resolve().parent
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = re.fullmatch(re.escape(f".{final.name}.") + r"(tmp|old)-(\d+)(-.*)?", p.name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(parent / final.name):
+            os.rename(p, parent / final.name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -73,14 +162,16 @@ def side_files(model_dir: Path) -> list[Path]:
 
 @contextmanager
 def atomic_dir(final: Path, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename. A failed write to the
+    destination (disk full, no permission) becomes a WriteError; nothing is left at or next to `final`."""
     final = Path(final)
+    sweep_stale(final)
     if final.exists() and not overwrite:
         raise ArtifactError(f"{final} already exists; choose another --out or pass --overwrite")
+    ensure_writable_parent(final)
     parent = final.resolve().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -95,8 +186,10 @@ def atomic_dir(final: Path, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if write_failure(e, tmp):
+            raise write_error(e, final, f"nothing was written to {final}", tmp) from None
         raise
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, modeling
-from .artifact import MANIFEST, ArtifactError, atomic_dir, load_artifact, side_files
+from .artifact import (MANIFEST, ArtifactError, atomic_dir, ensure_writable_parent, load_artifact, side_files,
+                       sweep_stale)
 from .loader import load
 from .plan import SlicePlan, plan_slice
 from .ranking import SparsityError, parse_sparsities
@@ -57,12 +58,14 @@ def _copied_side_files(artifact_dir: Path) -> list[Path]:
 
 
 def _check_out(out: Path, art, overwrite: bool) -> None:
+    sweep_stale(out)  # what an export killed mid-way left next to `out`
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     target = out.resolve()
     for keep in {art.path.resolve(), Path(art.weights_dir).resolve()}:
         if target == keep or target in keep.parents:
             raise ArtifactError(f"--out {out} would replace {keep}, which the export reads; choose another --out")
+    ensure_writable_parent(out)  # before the slice is built
 
 
 def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePlan | None = None, tp_size: int = 1,

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .artifact import ArtifactError, resolve_model_dir, weight_files, write_artifact
+from .artifact import (ArtifactError, WriteError, ensure_writable_parent, resolve_model_dir, sweep_stale, weight_files,
+                       write_artifact, write_error, write_failure)
 from .data import load_calibration
 from .families import ModelShape
 from .methods import PruneConfig, PruneState, prune
@@ -43,14 +44,24 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and not any((model_dir / f).is_file() for f in TOKENIZER_FILES) \
+            and not any(model_dir.glob("*.tiktoken")):
+        raise ArtifactError(f"{model_dir}: no tokenizer (tokenizer.json or tokenizer.model, with "
+                            "tokenizer_config.json); copy the tokenizer files of the source model into it")
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
-        raise ArtifactError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:160]}); the "
-                            "directory needs tokenizer.json (or tokenizer.model) and tokenizer_config.json") from None
+        detail = " ".join(str(e).split())[:160]  # one line: transformers' messages span several
+        raise ArtifactError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {detail}); the directory "
+                            "needs tokenizer.json (or tokenizer.model) and tokenizer_config.json, as the source "
+                            "model has them") from None
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
@@ -73,8 +84,12 @@ def save_state(path: Path, state: PruneState) -> None:
     tensors = {"removed": rows, "removed_score": torch.tensor([r[4] for r in state.removed], dtype=torch.float64),
                "last_heads": state.last_heads.contiguous(), "last_channels": state.last_channels.contiguous()}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(state.step)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"step": str(state.step)})
+        os.replace(tmp, path)  # the previous step's state stays whole until this one is
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_state(path: Path) -> PruneState:
@@ -91,8 +106,10 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary."""
     t0 = time.perf_counter()
     out = Path(out)
+    sweep_stale(out)  # a writer killed while replacing `out` put back first, so the check below sees it
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    ensure_writable_parent(out)  # before any work: the progress directory and the artifact go next to it
     model_dir = resolve_model_dir(model)
     weight_files(model_dir)
     from transformers import AutoConfig
@@ -113,6 +130,8 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     run_key = {"config": dataclasses.asdict(cfg), "model": str(model_dir.resolve()), "dtype": str(dt),
                "calibration": calib.fingerprint["sha256"] if calib else None}
     state = None
+    if work.exists() and not (work / "run.json").exists():  # killed before its first step was saved: nothing in it
+        shutil.rmtree(work)
     if work.exists():
         if not resume:
             raise ArtifactError(f"an unfinished run left its progress in {work}; pass --resume to continue it, "
@@ -139,10 +158,22 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         return step
 
     def checkpoint(s: PruneState):
-        if not work.exists():  # created at the first completed step, so failed starts leave nothing behind
-            work.mkdir(parents=True)
-            (work / "run.json").write_text(json.dumps(run_key, indent=2))
-        save_state(work / "state.safetensors", s)
+        try:
+            if not work.exists():  # created at the first completed step, so failed starts leave nothing behind
+                work.mkdir(parents=True)
+                (work / "run.json.tmp").write_text(json.dumps(run_key, indent=2))
+                os.replace(work / "run.json.tmp", work / "run.json")
+            save_state(work / "state.safetensors", s)
+        except Exception as e:
+            if not write_failure(e, work):
+                raise
+            if (work / "state.safetensors").exists():
+                kept = f"progress up to the last completed step is kept in {work}"
+                fix = "free some space and rerun the same command with --resume"
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+                kept, fix = "nothing was kept", None
+            raise write_error(e, work, kept, work, fix) from None
 
     dense = load_model(model_dir, dev, dt)
     ranking: Ranking = prune(dense, shape, calib, cfg, state=state, on_step=checkpoint, on_pass=counting_pass)
@@ -163,7 +194,14 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         "versions": {"gisp_deploy": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    write_artifact(out, model_dir, ranking, manifest, copy_weights=copy_weights, overwrite=overwrite)
+    try:
+        write_artifact(out, model_dir, ranking, manifest, copy_weights=copy_weights, overwrite=overwrite)
+    except WriteError as e:
+        if not work.exists():  # methods without steps keep no progress: they are quick to run again
+            raise
+        raise WriteError(f"{e.cause}; nothing was written to {out}, and the finished ranking is kept in {work}: "
+                         "free some space and rerun the same command with --resume (nothing is recomputed)",
+                         e.cause) from None
     shutil.rmtree(work, ignore_errors=True)
     return {"artifact": str(out), "method": cfg.method, "coverage": ranking.coverage,
             "structures": len(ranking), "covered": ranking.num_covered,
