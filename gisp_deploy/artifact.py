@@ -75,7 +75,8 @@ def write_error(e: BaseException, target: Path, consequence: str, within: Path |
 
 
 def ensure_writable_parent(final: Path) -> None:
-    """Fail early, before any work, when nothing can be written next to `final` (creating its parent if needed)."""
+    """Fail early, before any work, when nothing can be written next to `final`: probes its parent, or the
+    nearest ancestor that exists (which then must allow creating the parent); creates nothing."""
     parent = Path(final).resolve().parent
     probe = parent
     while not probe.exists():
@@ -83,11 +84,10 @@ def ensure_writable_parent(final: Path) -> None:
     if not probe.is_dir():
         raise ArtifactError(f"cannot write {final}: {probe} is a file, not a directory; choose another --out")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise ArtifactError(f"cannot write in {parent}: {e.strerror}; choose a writable --out") from None
+        raise ArtifactError(f"cannot write in {probe}: {e.strerror}; choose a writable --out") from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -171,6 +171,7 @@ def atomic_dir(final: Path, overwrite: bool = False):
     ensure_writable_parent(final)
     parent = final.resolve().parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)

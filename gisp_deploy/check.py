@@ -109,9 +109,12 @@ def check_artifact(path, sparsities, *, text=None, seq_len: int = 128, max_token
     prompts = ids[:, :SERVE_PROMPT_TOKENS].tolist()
     served = {}
     if serve:  # before the dense model is loaded here: the engine's memory and ours never add up
-        served = vllm_greedy_tokens(art, [s for s, p in sorted(plans.items()) if p is not None], prompts,
-                                    SERVE_NEW_TOKENS, tp_size=tp_size, channel_multiple=channel_multiple,
-                                    timeout=serve_timeout)
+        todo = [s for s, p in sorted(plans.items()) if p is not None]
+        try:
+            served = vllm_greedy_tokens(art, todo, prompts, SERVE_NEW_TOKENS, tp_size=tp_size,
+                                        channel_multiple=channel_multiple, timeout=serve_timeout)
+        except Exception as e:  # noqa: BLE001 - each slice's vLLM check fails with it; the other checks still run
+            served = {s: {"error": f"{type(e).__name__}: {e}"} for s in todo}
     dense = load_model(art.weights_dir, torch.device("cpu"), torch.float32)
     oracle = OracleSlicer(dense)
     stream = token_stream(tok, [text])[:max_tokens] if text and tok is not None else None
