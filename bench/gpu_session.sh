@@ -22,3 +22,4 @@ step "prune smoke on cuda" python bench/gpu_smoke.py --out "$OUT" 2>&1 | tail -3
 step "gather bandwidth" python bench/gpu_gather.py --out "$OUT" 2>&1 | tail -40
 step "scoring throughput" python bench/gpu_scoring.py --out "$OUT" 2>&1 | tail -20
 LIMIT=300 step "load to GPU (7B shape)" python bench/gpu_load.py --out "$OUT" 2>&1 | tail -20
+LIMIT=300 step "decode speed, static cache + compile (7B shape)" python bench/gpu_decode.py --out "$OUT" 2>&1 | tail -12

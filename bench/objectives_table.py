@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--model", default=str(SHARED / "models" / "tiny-llama-gqa-19m"))
     ap.add_argument("--sparsities", default="0,0.2,0.3,0.4,0.5")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "objectives"))
+    ap.add_argument("--fresh", action="store_true", help="Re-prune even where an artifact is already there.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,12 @@ def main():
     log, results = [], []
     for name, opts in setups.items():
         art = out / f"artifact-{name}"
-        run(exe + ["prune", args.model, "--out", str(art), *opts, *common], log)
+        prune_cmd = exe + ["prune", args.model, "--out", str(art), *opts, *common]
+        if (art / "gisp.json").exists() and not args.fresh:  # a finished artifact of an earlier run of this script
+            log.append(shlex.join(prune_cmd))
+            print(f"reusing {art} (--fresh to re-prune)", flush=True)
+        else:
+            run(prune_cmd, log)
         rep = json.loads(run(exe + ["eval", str(art), "--sparsity", args.sparsities, "--json", "--text",
                                     str(SHARED / "data" / "heldout" / "persuasion.txt.gz"),
                                     "--task", str(TASKS / "continuation-test.margin.jsonl")], log))

@@ -22,7 +22,8 @@ app = typer.Typer(
          "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt\n"
          "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40\n"
          "  gisp-deploy serve ARTIFACT --sparsity 0.4\n"
-         "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5")
+         "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5\n"
+         "  gisp-deploy bench ARTIFACT OTHER-ARTIFACT --text heldout.txt --speed")
 console = Console(stderr=True)
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)
 
@@ -354,6 +355,47 @@ def check(
         raise typer.Exit(1)
 
 
+MAKE_TASK_EXAMPLES = """
+[bold]Examples[/]
+
+  # 300 four-way items from held-out text: heldout-task.margin.jsonl and heldout-task.answer.jsonl
+  gisp-deploy make-task ./Llama-3-8B --text heldout.txt.gz --items 300 --out heldout-task
+
+  # calibration items from training text for task-aligned pruning, then the matching test items
+  gisp-deploy make-task ./model --text train/ --items 128 --seed 1 --out calib-task
+  gisp-deploy prune ./model --objective margin --calib calib-task.margin.jsonl --out model-margin
+  gisp-deploy bench model-margin model-lm --task heldout-task.margin.jsonl
+"""
+
+
+@app.command("make-task", epilog=MAKE_TASK_EXAMPLES)
+@friendly
+def make_task(
+    model: Path = typer.Argument(..., help="A model or artifact directory; only its tokenizer is used."),
+    text: List[Path] = typer.Option(..., "--text", help="Text files/folders the passages come from."),
+    out: Path = typer.Option(..., "--out", help="Prefix of the files: OUT.margin.jsonl and OUT.answer.jsonl."),
+    items: int = typer.Option(300, help="Number of items."),
+    choices: int = typer.Option(4, help="Options per item (the true continuation and distractors)."),
+    context_tokens: int = typer.Option(48, help="Tokens of passage shown."),
+    continuation_tokens: int = typer.Option(12, help="Tokens of each option."),
+    seed: int = typer.Option(0, help="Seed for choosing passages, distractors and answer positions."),
+):
+    """Build a multiple-choice task from text: pick the true continuation of a passage among distractors taken
+    from nearby in the same text. Writes the margin format ({prompt, choices, answer}) and the answer format
+    ({prompt, answer})."""
+    from .prune_run import load_tokenizer
+    from .tasks import build_continuation_task, write_jsonl
+
+    if items < 1 or choices < 2:
+        raise ValueError("--items must be >= 1 and --choices >= 2")
+    rows = build_continuation_task(load_tokenizer(model), [str(t) for t in text], items, context_tokens,
+                                   continuation_tokens, choices, seed)
+    margin, answer = Path(f"{out}.margin.jsonl"), Path(f"{out}.answer.jsonl")
+    write_jsonl(rows, margin)
+    write_jsonl([{"prompt": r["prompt"], "answer": r["choices"][r["answer"]]} for r in rows], answer)
+    console.print(f"[green]wrote[/] {len(rows)} items to {margin} and {answer}", soft_wrap=True)
+
+
 def _register_serve():
     from .serve import SERVE_EXAMPLES, serve_command
 
@@ -361,6 +403,15 @@ def _register_serve():
 
 
 _register_serve()
+
+
+def _register_bench():
+    from .bench_command import BENCH_EXAMPLES, bench_command
+
+    app.command("bench", epilog=BENCH_EXAMPLES)(friendly(bench_command))
+
+
+_register_bench()
 
 
 def main():

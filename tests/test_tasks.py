@@ -37,3 +37,24 @@ def test_continuation_task_and_accuracy(tmp_path):
         correct += int(max(range(4), key=lls.__getitem__) == r["answer"])
     assert got["items"] == 12 and abs(got["accuracy"] - correct / 12) < 1e-9
     assert got["accuracy"] > 0.25  # the trained model beats chance on its own held-out text
+
+
+def test_make_task_command_writes_both_formats(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.factory import EXAMPLE_HELDOUT, EXAMPLE_MODEL, ROOT
+
+    cmd = [sys.executable, "-m", "gisp_deploy.cli", "make-task", str(EXAMPLE_MODEL), "--text", str(EXAMPLE_HELDOUT),
+           "--items", "20", "--choices", "3", "--out", str(tmp_path / "t")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    margin = [json.loads(l) for l in (tmp_path / "t.margin.jsonl").read_text().splitlines()]
+    answer = [json.loads(l) for l in (tmp_path / "t.answer.jsonl").read_text().splitlines()]
+    assert len(margin) == len(answer) == 20
+    assert all(len(r["choices"]) == 3 and a["answer"] == r["choices"][r["answer"]] for r, a in zip(margin, answer))
+    p = subprocess.run(cmd[:-2] + ["--items", "100000", "--out", str(tmp_path / "big")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode == 2 and "fewer than the 100000 asked for" in p.stderr
+    assert not (tmp_path / "big.margin.jsonl").exists()
