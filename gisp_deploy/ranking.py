@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .families import ModelShape
+
+META_KEY = "gisp_ranking"
 
 HEAD, CHANNEL = 0, 1
 UNITS = ("q_head", "kv_group")
@@ -159,7 +162,8 @@ class Ranking:
             "step": torch.from_numpy(self.step.astype(np.int16)),
             "score": torch.from_numpy(self.score.astype(np.float32)),
             "params": torch.from_numpy(self.params.astype(np.int32)),
-        }, str(path), metadata={"num_covered": str(self.num_covered), "unit": self.unit})
+        }, str(path), metadata={META_KEY: json.dumps({"num_covered": self.num_covered, "unit": self.unit},
+                                                     sort_keys=True)})  # one key: safetensors orders keys randomly
 
     @classmethod
     def load(cls, path: Path, shape: ModelShape) -> "Ranking":
@@ -168,6 +172,8 @@ class Ranking:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+        if META_KEY in meta:  # earlier files keep num_covered and unit as two keys of their own
+            meta = json.loads(meta[META_KEY])
         missing = {"layer", "kind", "index", "step", "score", "params"} - set(t)
         if missing or "num_covered" not in meta or "unit" not in meta:
             raise ValueError(f"{path}: not a gisp-deploy ranking (missing {sorted(missing) or 'metadata'})")

@@ -139,3 +139,38 @@ def test_deployment_rounding_keeps_slices_nested(tmp_path, unit):
         plan_slice(ranking, 0.0, tp_size=3)
     with pytest.raises(RoundingError, match="positive integer"):
         plan_slice(ranking, 0.3, tp_size=0)
+
+
+SAVE_IN_A_FRESH_PROCESS = """
+import sys
+from gisp_deploy.families import ModelShape
+from gisp_deploy.methods import PruneConfig, prune
+from tests.factory import tiny_config
+shape = ModelShape.from_config(tiny_config("llama"))
+prune(None, shape, None, PruneConfig(method="random", max_sparsity=0.6, protect_first=0)).save(sys.argv[1])
+"""
+
+
+def test_saved_bytes_are_reproducible_across_processes(tmp_path):
+    """The same ranking saved by two processes is the same file (so its sha256 in the manifest is too)."""
+    import subprocess
+    import sys
+
+    from tests.factory import ROOT
+
+    paths = [tmp_path / f"r{k}.safetensors" for k in range(3)]
+    for k, p in enumerate(paths):
+        env = {"PYTHONHASHSEED": str(k), "PATH": "/usr/bin:/bin"}
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(p)], check=True, cwd=ROOT, env=env)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+
+
+def test_rankings_written_with_two_metadata_keys_still_load(ranked, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, shape, ranking, _ = ranked
+    ranking.save(tmp_path / "new.safetensors")
+    save_file(load_file(tmp_path / "new.safetensors"), tmp_path / "old.safetensors",
+              metadata={"num_covered": str(ranking.num_covered), "unit": ranking.unit})
+    back = Ranking.load(tmp_path / "old.safetensors", shape)
+    assert back.num_covered == ranking.num_covered and back.unit == ranking.unit
