@@ -47,7 +47,7 @@ if ARGS.smoke and os.environ.get("TRITON_INTERPRET") is None:
 
 import torch  # noqa: E402
 
-from kernels import gather as G  # noqa: E402
+from gisp_deploy.kernels import gather as G  # noqa: E402
 
 
 def shapes(smoke: bool, layers):

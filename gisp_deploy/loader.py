@@ -24,13 +24,13 @@ MAX_COLUMN_RUNS = 32  # beyond this many runs of kept columns, read the whole te
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
-# ---- the row / column gathers (a CUDA path uses the Triton kernels of kernels/gather.py when present)
+# ---- the row / column gathers (a CUDA path uses the Triton kernels of gisp_deploy/kernels/gather.py when present)
 def _kernels_for(t: torch.Tensor):
     """kernels.gather (Triton ragged gathers) for a CUDA tensor when it is installed, else None (torch)."""
     if not t.is_cuda:
         return None
     try:
-        from kernels import gather
+        from .kernels import gather
     except Exception:
         return None
     return gather if hasattr(gather, "gather_rows") and hasattr(gather, "gather_cols") else None

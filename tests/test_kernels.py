@@ -1,4 +1,4 @@
-"""Ragged row/column gathers (kernels.gather) are bit-exact with torch.index_select."""
+"""Ragged row/column gathers (gisp_deploy.kernels.gather) are bit-exact with torch.index_select."""
 
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import gather as G
+from gisp_deploy import kernels
+from gisp_deploy.kernels import gather as G
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

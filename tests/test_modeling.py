@@ -253,8 +253,8 @@ def test_take_rows_cols_read_only_what_is_kept(tmp_path):
 
 
 def test_take_rows_cols_through_gather_kernels(monkeypatch):
-    """The CUDA path hands tensors to kernels/gather.py; run it here through Triton's interpreter."""
-    gather = pytest.importorskip("kernels.gather")
+    """The CUDA path hands tensors to gisp_deploy/kernels/gather.py; run it here through Triton's interpreter."""
+    gather = pytest.importorskip("gisp_deploy.kernels.gather")
     if not gather.HAS_TRITON:
         pytest.skip("triton is not installed")
     from gisp_deploy import loader
