@@ -1,13 +1,17 @@
 """Load a slice of an artifact as a physically smaller transformers model.
 
-Only the kept rows / columns of each dense tensor are copied (on the CPU with one index_select from
-the memory-mapped safetensors file, which pages in what it reads; on CUDA from one whole tensor at a
-time on the device), so peak anonymous memory is about the compact model plus one dense tensor.
+Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
+read with positioned reads: kept rows straight into the compact tensor (only their bytes are read), a tensor
+with kept columns whole and then selected, so peak memory is the compact model plus one dense tensor and no
+mapping of the checkpoint stays behind. On CUDA each tensor is read whole onto the device and gathered
+there (Triton kernels when available). A slice that keeps everything is memory-mapped, as transformers does.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +24,6 @@ from .modeling import build_model, compact_config, materialize_buffers, plan_lay
 from .plan import SlicePlan, plan_slice
 
 INDEX_FILE = "model.safetensors.index.json"
-MAX_COLUMN_RUNS = 32  # beyond this many runs of kept columns, read the whole tensor and select
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
@@ -47,37 +50,28 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def take_rows(src, idx) -> torch.Tensor:
-    """src[idx] along dim 0. `src` is a tensor or a safetensors slice (then only those rows are read)."""
+def take_rows(src: torch.Tensor, idx) -> torch.Tensor:
+    """src[idx] along dim 0 (everything kept: `src` itself, so a memory-mapped tensor stays mapped)."""
     idx = [int(i) for i in idx]
-    if isinstance(src, torch.Tensor):
-        if idx == list(range(src.shape[0])):
-            return src  # everything kept: no copy (a memory-mapped tensor stays mapped)
-        gather = _kernels_for(src)
-        keep = torch.tensor(idx, dtype=torch.long)
-        if gather is not None:
-            return gather.gather_rows([src], [keep])[0]
-        return src.index_select(0, keep.to(src.device))
-    parts = [src[a:b] for a, b in _runs(idx)] or [src[0:0]]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    if idx == list(range(src.shape[0])):
+        return src
+    gather = _kernels_for(src)
+    keep = torch.tensor(idx, dtype=torch.long)
+    if gather is not None:
+        return gather.gather_rows([src], [keep])[0]
+    return src.index_select(0, keep.to(src.device))
 
 
-def take_cols(src, idx) -> torch.Tensor:
-    """src[:, idx]. `src` is a tensor or a safetensors slice (whole tensor read when columns are scattered)."""
+def take_cols(src: torch.Tensor, idx) -> torch.Tensor:
+    """src[:, idx] (everything kept: `src` itself)."""
     idx = [int(i) for i in idx]
-    if isinstance(src, torch.Tensor):
-        if idx == list(range(src.shape[1])):
-            return src
-        gather = _kernels_for(src)
-        keep = torch.tensor(idx, dtype=torch.long)
-        if gather is not None:
-            return gather.gather_cols([src], [keep])[0]
-        return src.index_select(1, keep.to(src.device))
-    runs = _runs(idx)
-    if len(runs) > MAX_COLUMN_RUNS:
-        return take_cols(src[:], idx)
-    parts = [src[:, a:b] for a, b in runs] or [src[:, 0:0]]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if idx == list(range(src.shape[1])):
+        return src
+    gather = _kernels_for(src)
+    keep = torch.tensor(idx, dtype=torch.long)
+    if gather is not None:
+        return gather.gather_cols([src], [keep])[0]
+    return src.index_select(1, keep.to(src.device))
 
 
 def _padded(t: torch.Tensor, src_pos: list[int], dim: int) -> torch.Tensor:
@@ -93,8 +87,86 @@ def _padded(t: torch.Tensor, src_pos: list[int], dim: int) -> torch.Tensor:
 
 
 # ---- reading the dense checkpoint
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class ShardFile:
+    """One safetensors file read with positioned reads into fresh tensors: only the requested bytes are read
+    and nothing stays mapped. The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        n = int.from_bytes(os.pread(self.fd, 8, 0), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            self.close()
+            raise ArtifactError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in a "
+                                f"{size}-byte file); restore it from the source model")
+        try:
+            self.entries = json.loads(os.pread(self.fd, n, 8))
+        except ValueError:
+            self.close()
+            raise ArtifactError(f"{path}: unreadable safetensors header; restore it from the source model") from None
+        self.entries.pop("__metadata__", None)
+        self.base = 8 + n
+        for name, e in self.entries.items():
+            a, b = e["data_offsets"]
+            dtype = _DTYPES.get(e["dtype"])
+            if dtype is None:
+                self.close()
+                raise ArtifactError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which gisp-deploy does not read")
+            if b - a != math.prod(e["shape"]) * dtype.itemsize or self.base + b > size:
+                self.close()
+                raise ArtifactError(f"{path}: tensor {name!r} runs past the end of the file or does not match "
+                                    "its shape; the file is truncated or damaged, restore it from the source model")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
+        """The tensor, or only its `rows` (dim 0, in the given order)."""
+        e = self.entries[name]
+        shape, (a, b) = e["shape"], e["data_offsets"]
+        out = torch.empty(shape if rows is None else [len(rows), *shape[1:]], dtype=_DTYPES[e["dtype"]])
+        if rows is None:
+            self._fill(out, self.base + a)
+            return out
+        row_bytes = (b - a) // shape[0] if shape[0] else 0
+        pos = 0
+        for r0, r1 in _runs(rows):
+            if not 0 <= r0 < r1 <= shape[0]:
+                raise IndexError(f"rows {r0}..{r1 - 1} of {name} (of {shape[0]})")
+            self._fill(out[pos:pos + r1 - r0], self.base + a + r0 * row_bytes)
+            pos += r1 - r0
+        return out
+
+    def _fill(self, t: torch.Tensor, offset: int) -> None:
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # t is contiguous: writes land in it
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ArtifactError(f"{self.path}: the file ended early; it is truncated, restore it")
+            done += n
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class WeightReader:
-    """Tensor name -> safetensors handle over the artifact's weight files (sharded or not)."""
+    """Tensor name -> its safetensors file, over the artifact's weight files (sharded or not). `device="cpu"`
+    reads with ShardFile (positioned reads); another device through safetensors onto that device."""
 
     def __init__(self, weights_dir: Path, device: str):
         self.dir = Path(weights_dir)
@@ -121,6 +193,22 @@ class WeightReader:
                 raise ArtifactError(f"{path}: weight file missing; the artifact is incomplete")
             self._handles[fname] = self._stack.enter_context(safe_open(str(path), framework="pt", device=self.device))
         return self._handles[fname]
+
+    def _shard(self, name: str) -> ShardFile:
+        if name not in self.where:
+            raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
+        fname = self.where[name]
+        key = ("direct", fname)
+        if key not in self._handles:
+            path = self.dir / fname
+            if not path.is_file():
+                raise ArtifactError(f"{path}: weight file missing; the artifact is incomplete")
+            self._handles[key] = self._stack.enter_context(ShardFile(path))
+        return self._handles[key]
+
+    def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
+        """A fresh CPU tensor of `name`, or of its `rows` only (positioned reads; nothing stays mapped)."""
+        return self._shard(name).read(name, rows)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -173,26 +261,24 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
     With copy_mapped=False, tensors kept whole stay memory-mapped (as transformers loads a dense model)."""
     tied = set(_tied_keys(model))
+    direct = copy_mapped and reader.device == "cpu"  # positioned reads of the kept bytes, nothing mapped
     sd = {}
     for key, meta in model.state_dict().items():
         if key in tied:  # tied to the input embeddings after loading, as transformers does
             continue
         rows, cols = _selection(key, layouts, head_dim)
-        src = reader.source(key)
+        src = None if direct else reader.source(key)
         if rows is not None:
-            t = _padded(take_rows(src, [r for r in rows if r >= 0]), rows, 0)
+            kept = [r for r in rows if r >= 0]
+            t = _padded(reader.read(key, kept) if direct else take_rows(src, kept), rows, 0)
         elif cols is not None:
-            t = _padded(take_cols(src, [c for c in cols if c >= 0]), cols, 1)
+            t = _padded(take_cols(reader.read(key) if direct else src, [c for c in cols if c >= 0]), cols, 1)
         else:
-            t = src if isinstance(src, torch.Tensor) else src[:]
+            t = reader.read(key) if direct else src
         if tuple(t.shape) != tuple(meta.shape):
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, the slice needs "
                                 f"{tuple(meta.shape)}; the weights do not match the artifact's config")
-        t = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
-        mapped_view = src.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
-        if copy_mapped and mapped_view:
-            t = t.clone()  # a view would keep the whole memory-mapped checkpoint file mapped
-        sd[key] = t
+        sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
         del src, t
     return sd
 

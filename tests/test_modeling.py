@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gisp_deploy.artifact import load_artifact, write_artifact
+from gisp_deploy.artifact import ArtifactError, load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
-from gisp_deploy.loader import MAX_COLUMN_RUNS, load, take_cols, take_rows
+from gisp_deploy.loader import ShardFile, load, take_cols, take_rows
 from gisp_deploy.methods import PruneConfig, prune
 from gisp_deploy.modeling import build_model, padding_params
 from gisp_deploy.plan import LayerPlan, SlicePlan, plan_slice
@@ -232,24 +232,35 @@ def test_config_roundtrip(sources, tmp_path):
 
 
 # ---- gathers and errors
-def test_take_rows_cols_read_only_what_is_kept(tmp_path):
-    w = torch.randn(40, 100)
-    b = torch.randn(40)
-    save_file({"w": w, "b": b}, str(tmp_path / "t.safetensors"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_file_reads_rows_exactly(tmp_path, dtype):
+    w = torch.randn(40, 100).to(dtype)
+    b = torch.randn(40).to(dtype)
+    save_file({"w": w, "b": b, "i": torch.arange(7)}, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
     g = torch.Generator().manual_seed(0)
-    cases = [[], [5], list(range(10, 20)), sorted(torch.randperm(40, generator=g)[:17].tolist())]
-    col_cases = cases + [list(range(0, 100, 2))]  # 50 runs: more than MAX_COLUMN_RUNS
-    assert len(col_cases[-1]) > MAX_COLUMN_RUNS
-    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+    cases = [[], [5], list(range(10, 20)), sorted(torch.randperm(40, generator=g)[:17].tolist()), [9, 3, 4, 5, 0],
+             list(range(40))]
+    with ShardFile(tmp_path / "t.safetensors") as f:
+        assert set(f.keys()) == {"w", "b", "i"}
+        assert torch.equal(f.read("w"), w) and torch.equal(f.read("i"), torch.arange(7))
         for idx in cases:
             t = torch.tensor(idx, dtype=torch.long)
-            assert torch.equal(take_rows(f.get_slice("w"), idx), w[t])
-            assert torch.equal(take_rows(f.get_slice("b"), idx), b[t])
+            assert torch.equal(f.read("w", idx), w[t]) and torch.equal(f.read("b", idx), b[t])
             assert torch.equal(take_rows(w, idx), w[t])
-        for idx in col_cases:
-            t = torch.tensor(idx, dtype=torch.long)
-            assert torch.equal(take_cols(f.get_slice("w"), idx), w[:, t])
             assert torch.equal(take_cols(w, idx), w[:, t])
+        with pytest.raises(IndexError):
+            f.read("w", [39, 40])
+
+
+def test_shard_file_refuses_truncated_and_foreign_files(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    for name, message in (("cut", "truncated"), ("junk", "not a safetensors file"), ("pickle", "not a safetensors")):
+        with pytest.raises(ArtifactError, match=message):
+            ShardFile(tmp_path / f"{name}.safetensors")
 
 
 def test_take_rows_cols_through_gather_kernels(monkeypatch):
