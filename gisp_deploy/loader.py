@@ -50,28 +50,25 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def take_rows(src: torch.Tensor, idx) -> torch.Tensor:
-    """src[idx] along dim 0 (everything kept: `src` itself, so a memory-mapped tensor stays mapped)."""
+def take(src: torch.Tensor, idx, dim: int) -> torch.Tensor:
+    """src's entries `idx` along `dim` (0: rows, 1: columns); everything kept: `src` itself, so a memory-mapped
+    tensor stays mapped."""
     idx = [int(i) for i in idx]
-    if idx == list(range(src.shape[0])):
+    if idx == list(range(src.shape[dim])):
         return src
     gather = _kernels_for(src)
     keep = torch.tensor(idx, dtype=torch.long)
     if gather is not None:
-        return gather.gather_rows([src], [keep])[0]
-    return src.index_select(0, keep.to(src.device))
+        return (gather.gather_rows if dim == 0 else gather.gather_cols)([src], [keep])[0]
+    return src.index_select(dim, keep.to(src.device))
+
+
+def take_rows(src: torch.Tensor, idx) -> torch.Tensor:
+    return take(src, idx, 0)
 
 
 def take_cols(src: torch.Tensor, idx) -> torch.Tensor:
-    """src[:, idx] (everything kept: `src` itself)."""
-    idx = [int(i) for i in idx]
-    if idx == list(range(src.shape[1])):
-        return src
-    gather = _kernels_for(src)
-    keep = torch.tensor(idx, dtype=torch.long)
-    if gather is not None:
-        return gather.gather_cols([src], [keep])[0]
-    return src.index_select(1, keep.to(src.device))
+    return take(src, idx, 1)
 
 
 def _padded(t: torch.Tensor, src_pos: list[int], dim: int) -> torch.Tensor:
