@@ -148,10 +148,16 @@ def test_cli_bad_input(arts, tmp_path, args, message):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is not installed")
-def test_speed_without_vllm_names_the_fix(arts, tmp_path):
-    p = _cli(arts[0], "--speed", "--out", tmp_path / "o")
-    assert p.returncode == 2 and "gisp-deploy[vllm]" in p.stderr
+def test_speed_without_vllm_names_the_fix(arts, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gisp_deploy import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    result = CliRunner().invoke(cli.app, ["bench", str(arts[0]), "--speed", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "gisp-deploy[vllm]" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
