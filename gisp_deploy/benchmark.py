@@ -49,6 +49,8 @@ class BenchConfig:
             raise ValueError(f"--seq-lens {self.seq_lens}: give context lengths >= 2, e.g. 128,512")
         if self.serve_dtype not in DTYPE_BYTES:
             raise ValueError(f"--serve-dtype {self.serve_dtype!r}: choose bfloat16, float16 or float32")
+        if self.speed and self.speed.dtype != self.serve_dtype:  # bytes are counted at the dtype vLLM runs
+            object.__setattr__(self, "speed", replace(self.speed, dtype=self.serve_dtype))
 
 
 def decode_bytes(weight_read_params: int, kv_bytes_per_token: int, dtype_bytes: int, batch: int,
@@ -156,8 +158,6 @@ class Bench:
 
     def _speed(self, art, s: float) -> dict:
         speed = self.cfg.speed
-        if speed.dtype != self.cfg.serve_dtype:
-            speed = replace(speed, dtype=self.cfg.serve_dtype)
         self.log(f"  vLLM speed at batch sizes {', '.join(map(str, speed.batch_sizes))} "
                  f"({speed.prompt_len}-token prompts, {speed.gen_len} new tokens)")
         return measure(art, None if s == 0 else s, speed)

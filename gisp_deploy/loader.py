@@ -169,52 +169,46 @@ class WeightReader:
         self.dir = Path(weights_dir)
         self.device = device
         self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[tuple[str, str], object] = {}
         index = self.dir / INDEX_FILE
         if index.is_file():
             self.where = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self.where = {}
-            for f in sorted(self.dir.glob("*.safetensors")):
-                for name in self._open(f.name).keys():
-                    self.where[name] = f.name
+        else:  # one file, or shards without an index: their headers say what they hold
+            self.where = {name: f.name for f in sorted(self.dir.glob("*.safetensors"))
+                          for name in self._handle(f.name, "direct").keys()}
         if not self.where:
             raise ArtifactError(f"{self.dir}: no safetensors weights found")
 
-    def _open(self, fname: str):
-        if fname not in self._handles:
-            from safetensors import safe_open
-
+    def _handle(self, fname: str, kind: str):
+        """The open file: "direct" a ShardFile, "mapped" a safetensors handle on this reader's device."""
+        if (kind, fname) not in self._handles:
             path = self.dir / fname
             if not path.is_file():
                 raise ArtifactError(f"{path}: weight file missing; the artifact is incomplete")
-            self._handles[fname] = self._stack.enter_context(safe_open(str(path), framework="pt", device=self.device))
-        return self._handles[fname]
+            if kind == "direct":
+                handle = ShardFile(path)
+            else:
+                from safetensors import safe_open
 
-    def _shard(self, name: str) -> ShardFile:
+                handle = safe_open(str(path), framework="pt", device=self.device)
+            self._handles[(kind, fname)] = self._stack.enter_context(handle)
+        return self._handles[(kind, fname)]
+
+    def _file(self, name: str) -> str:
         if name not in self.where:
             raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
-        fname = self.where[name]
-        key = ("direct", fname)
-        if key not in self._handles:
-            path = self.dir / fname
-            if not path.is_file():
-                raise ArtifactError(f"{path}: weight file missing; the artifact is incomplete")
-            self._handles[key] = self._stack.enter_context(ShardFile(path))
-        return self._handles[key]
+        return self.where[name]
 
     def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
         """A fresh CPU tensor of `name`, or of its `rows` only (positioned reads; nothing stays mapped)."""
-        return self._shard(name).read(name, rows)
+        return self._handle(self._file(name), "direct").read(name, rows)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def source(self, name: str):
         """The tensor: memory-mapped (zero-copy, pages read on touch) on the CPU, whole on a GPU."""
-        if name not in self.where:
-            raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
-        return self._open(self.where[name]).get_tensor(name)
+        return self._handle(self._file(name), "mapped").get_tensor(name)
 
     def close(self):
         self._stack.close()
