@@ -1,112 +1,200 @@
-"""Scoring-pass throughput on one GPU: gisp-deploy's objective gradient vs plain `loss.backward()`.
+"""GISP scoring-pass throughput on one GPU, and the projected wall time of the reference schedule.
 
-    PYTHONPATH=. python bench/gpu_scoring.py --out DIR [--layers 32] [--batch-sizes 2,16]
+    PYTHONPATH=. python bench/gpu_scoring.py --out DIR                 # H200: Llama-2-7B shape, bf16
+    PYTHONPATH=. python bench/gpu_scoring.py --out DIR --device cpu --layers 4 --hidden 256 --intermediate 688 \
+        --heads 4 --vocab 2048 --samples 4 --seq-len 64 --dtype float32   # smoke test of the script itself
 
-Random-weight Llama-2-7B-shaped model in bf16. Reports tokens/s, model-FLOPs utilisation (6·N·tokens, N =
-non-embedding parameters plus lm_head; peak given by --peak-tflops, H200 bf16 dense = 989), peak memory, and
-the projected wall time of the reference schedule (112 steps x 2000 x 256 tokens).
+Random-weight Llama in one run, all passes over the same `--samples` x `--seq-len` tokens:
+- plain transformers `loss.backward()` (every weight trainable) at the reference batch (2) and at 16;
+- gisp-deploy's scoring pass (`objective_gradient`: gradients only for the scored weights of unprotected layers,
+  fp32 sums in the backward hooks) at the micro-batch `fit_batch_size` picks, on the dense model;
+- the same pass on the shrinking model (`--compute compact`, shrinking.py) after a share of the unprotected
+  layers' parameters was cut out, at sparsities 0.175 / 0.35 / 0.525 / 0.7 (ragged widths, channels padded
+  to 64, as a run leaves them).
+MFU counts 6 x (parameters of the dense model, with lm_head, without the embedding) x tokens for every pass, so
+a compact pass above 100% of the dense work means "as fast as if the GPU did the dense work at that rate".
+Projection: the reference schedule is 112 passes over 2000 x 256 tokens; pass k sees the removals of the k-1
+passes before it, i.e. sparsity 0.7 (k-1)/112 (linear), timed by interpolating the measured points.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gisp_deploy.data import Calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.objectives import objective_gradient, scored_weights
-from gisp_deploy.scoring import gradient_scores, normalize
+from gisp_deploy.methods import PruneConfig
+from gisp_deploy.objectives import fit_batch_size, objective_gradient
+from gisp_deploy.ranking import CHANNEL, HEAD
+from gisp_deploy.scoring import normalize, scores_kv
+from gisp_deploy.shrinking import ShrinkingModel
+
+REFERENCE = {"steps": 112, "samples": 2000, "seq_len": 256, "final_sparsity": 0.7}
 
 
-def model_7b(layers: int, device):
+def build_model(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                      max_position_embeddings=4096)
     cfg.architectures = ["LlamaForCausalLM"]
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).to(dtype)
     model.config._attn_implementation = "sdpa"
     return model.eval(), cfg
 
 
-def timed(fn, reps):
+def removal_at(shape: ModelShape, sparsity: float, unprotected: list[int], seed: int = 0):
+    """Heads and channels of the unprotected layers removed at random until `sparsity` of all decoder
+    parameters is gone, each layer a different amount (ragged, as GISP leaves them)."""
+    gen = np.random.default_rng(seed)
+    share = sparsity * shape.num_layers / len(unprotected)  # the protected layers keep everything
+    removed = []
+    for layer in unprotected:
+        frac = float(np.clip(share * gen.uniform(0.8, 1.2), 0, 0.95))
+        heads = gen.permutation(shape.num_heads)[: int(round(frac * shape.num_heads))]
+        channels = gen.permutation(shape.intermediate)[: int(round(frac * shape.intermediate))]
+        removed += [(layer, HEAD, int(h)) for h in heads] + [(layer, CHANNEL, int(c)) for c in channels]
+    return removed
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps, device):
     fn()
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t) / reps
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-sizes", default="2,16")
-    ap.add_argument("--samples", type=int, default=32, help="sequences per timed pass")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    model, cfg = model_7b(args.layers, dev)
-    shape = ModelShape.from_config(cfg)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    results = []
-    T = args.seq_len
-    ids = torch.randint(0, cfg.vocab_size, (args.samples, T))
-    ones = torch.ones_like(ids)
-    calib = Calibration(ids, ones, ones, torch.full((args.samples,), 1 / args.samples, dtype=torch.float64), "lm", ())
-    weights = scored_weights(model, shape, "q_head")
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        torch.cuda.reset_peak_memory_stats()
-        grads = {}
-
-        def ours():
-            grads.clear()
-            grads.update(objective_gradient(model, weights, calib, bs))
-
-        t_ours = timed(ours, 2)
-        mem_ours = torch.cuda.max_memory_allocated()
-        t_score = timed(lambda: normalize(*gradient_scores(model, shape, "q_head", grads), shape, "q_head",
-                                          "reference"), 2)
-        grads.clear()
+def peak_reset(device):
+    if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        for p in model.parameters():
-            p.requires_grad_(True)
+
+
+def peak_gb(device):
+    return round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == "cuda" else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=64, help="sequences per timed pass")
+    ap.add_argument("--sparsities", default="0.175,0.35,0.525,0.7")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="H200 dense bf16")
+    args = ap.parse_args()
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    dense, cfg = build_model(args, dev, dtype)
+    shape = ModelShape.from_config(cfg)
+    n_params = sum(p.numel() for n, p in dense.named_parameters() if "embed_tokens" not in n)
+    T, N = args.seq_len, args.samples
+    ids = torch.randint(0, cfg.vocab_size, (N, T))
+    ones = torch.ones_like(ids)
+    calib = Calibration(ids, ones, ones, torch.full((N,), 1 / N, dtype=torch.float64), "lm", ())
+    tokens = N * T
+    unprotected = [l for l in range(shape.num_layers) if l not in PruneConfig().protected_layers(shape.num_layers)]
+    with_kv = scores_kv(shape, "q_head")
+    results = []
+
+    def record(impl, batch, seconds, sparsity=0.0, **extra):
+        tps = tokens / seconds
+        row = {"impl": impl, "sparsity": sparsity, "batch": batch, "seq_len": T, "seconds_per_pass": round(seconds, 4),
+               "tokens_per_s": round(tps), "mfu_dense_equivalent": round(6 * n_params * tps / (args.peak_tflops * 1e12), 4),
+               "peak_mem_gb": peak_gb(dev), **extra}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # plain transformers: every weight trainable, the loss HF computes
+    for bs in (2, 16):
+        peak_reset(dev)
+        dense.requires_grad_(True)
 
         def plain():
-            for i in range(0, args.samples, bs):
+            for i in range(0, N, bs):
                 x = ids[i:i + bs].to(dev)
-                model(input_ids=x, labels=x).loss.backward()
-            model.zero_grad(set_to_none=True)
+                dense(input_ids=x, labels=x).loss.backward()
+            dense.zero_grad(set_to_none=True)
 
-        t_plain = timed(plain, 2)
-        mem_plain = torch.cuda.max_memory_allocated()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        tokens = args.samples * T
-        for name, t, mem in (("gisp-deploy objective_gradient", t_ours, mem_ours), ("plain loss.backward", t_plain, mem_plain)):
-            tps = tokens / t
-            results.append({"impl": name, "batch": bs, "seq_len": T, "tokens_per_s": round(tps),
-                            "mfu": round(6 * n_params * tps / (args.peak_tflops * 1e12), 4),
-                            "peak_mem_gb": round(mem / 1e9, 1),
-                            "reference_schedule_h": round(112 * 2000 * 256 / tps / 3600, 2)})
-            print(results[-1], flush=True)
-        results.append({"impl": "score aggregation (|W·G|, per structure, normalised)", "batch": bs,
-                        "seconds_per_step": round(t_score, 4)})
-        print(results[-1], flush=True)
+        record("plain loss.backward", bs, timed(plain, args.reps, dev))
+    dense.requires_grad_(False)
+
+    shrinking = ShrinkingModel(dense, shape, "q_head", 64)
+    weights = shrinking.weights(unprotected, with_kv)
+    fitted = fit_batch_size(dense, weights, calib)
+    for bs in sorted({2, 16, fitted}):
+        peak_reset(dev)
+        record("gisp-deploy scoring pass (dense)", bs, timed(
+            lambda: objective_gradient(dense, weights, calib, bs), args.reps, dev), fitted=bs == fitted)
+    grads = objective_gradient(dense, weights, calib, fitted)
+    t_agg = timed(lambda: normalize(*shrinking.scores(grads, unprotected, with_kv), shape, "q_head", "reference"),
+                  args.reps, dev)
+    del grads
+
+    points = [(0.0, next(r["seconds_per_pass"] for r in results
+                         if r["impl"].endswith("(dense)") and r["batch"] == fitted))]
+    for s in [float(x) for x in args.sparsities.split(",")]:
+        model = copy.deepcopy(dense)
+        sm = ShrinkingModel(model, shape, "q_head", 64)
+        removed = removal_at(shape, s, unprotected)
+        t_cut = time.perf_counter()
+        sm.cut(removed)
+        sync(dev)
+        t_cut = time.perf_counter() - t_cut
+        kept = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        w = sm.weights(unprotected, with_kv)
+        peak_reset(dev)
+        seconds = timed(lambda: objective_gradient(model, w, calib, fitted), args.reps, dev)
+        record("gisp-deploy scoring pass (compact)", fitted, seconds, sparsity=s,
+               params_kept_fraction=round(kept / n_params, 4), cut_seconds=round(t_cut, 3))
+        points.append((s, seconds))
+        del model, sm, w
+    xs, ys = zip(*points)
+    ref = REFERENCE
+    per_pass_tokens = ref["samples"] * ref["seq_len"]
+    sched = [ref["final_sparsity"] * k / ref["steps"] for k in range(ref["steps"])]
+    scale = per_pass_tokens / tokens
+    compact_h = sum(float(np.interp(s, xs, ys)) * scale + t_agg for s in sched) / 3600
+    dense_h = ref["steps"] * (ys[0] * scale + t_agg) / 3600
+    plain_ref = next(r for r in results if r["impl"] == "plain loss.backward" and r["batch"] == 2)
+    plain_h = ref["steps"] * plain_ref["seconds_per_pass"] * scale / 3600
+    projection = {"reference_schedule": ref, "plain_batch2_h": round(plain_h, 3),
+                  "scoring_dense_fitted_batch_h": round(dense_h, 3), "scoring_compact_fitted_batch_h": round(compact_h, 3),
+                  "speedup_vs_plain_batch2": round(plain_h / compact_h, 2), "aggregation_seconds_per_step": round(t_agg, 4),
+                  "fitted_batch": fitted}
+    print(json.dumps(projection), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_scoring.json").write_text(json.dumps({
-        "command": "PYTHONPATH=. python bench/gpu_scoring.py", "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "layers": args.layers, "params_counted": n_params, "results": results}, indent=2))
+        "command": "PYTHONPATH=. python bench/gpu_scoring.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+        "dtype": args.dtype, "params_counted": n_params, "tokens_per_pass": tokens, "results": results,
+        "projection": projection}, indent=2))
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ PRUNE_EXAMPLES = """
   # GISP on a local model, calibrated on local text, ranking covering up to 60% sparsity
   gisp-deploy prune ./Llama-3-8B --calib data/c4-sample.txt.gz --out llama3-gisp
 
-  # the authors' reference setting (2000 x 256-token windows, 112 steps linear in structures, to 0.7)
-  gisp-deploy prune ./Llama-2-7b --calib c4/ --samples 2000 --seq-len 256 --batch-size 2 \\
+  # the authors' reference setting (2000 x 256-token windows, 112 steps linear in structures, to 0.7);
+  # their batch of 2 changes only the speed, so the micro-batch is left to fit the GPU
+  gisp-deploy prune ./Llama-2-7b --calib c4/ --samples 2000 --seq-len 256 \\
       --steps 112 --schedule structures --max-sparsity 0.7 --out llama2-gisp
 
   # task-aligned calibration on multiple-choice JSONL ({"prompt", "choices", "answer"})
@@ -75,6 +76,9 @@ PRUNE_EXAMPLES = """
 
   # continue a run that was killed
   gisp-deploy prune ./model --calib data/ --out model-gisp --resume
+
+  # a 70B model over all visible GPUs (layers placed by accelerate; one GPU computes at a time)
+  gisp-deploy prune ./Llama-3-70B --calib c4/ --device-map auto --out llama3-70b-gisp
 """
 
 
@@ -99,27 +103,38 @@ def prune(
     protect_last: int = typer.Option(1, help="Never prune the last N layers."),
     samples: int = typer.Option(128, help="Calibration samples (windows, or JSONL records)."),
     seq_len: int = typer.Option(256, help="Tokens per calibration window."),
-    batch_size: int = typer.Option(16, help="Sequences per forward/backward."),
+    batch_size: str = typer.Option("auto", help="Sequences per forward/backward, or auto: the largest power of two "
+                                   "up to 64 that fits the GPU (16 on CPU). Changes speed, not the ranking."),
     seed: int = typer.Option(0, help="Seed for window sampling and the random method."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    device_map: Optional[str] = typer.Option(None, help="auto | balanced | sequential: spread the layers of a model "
+                                             "too large for one GPU over all visible GPUs (then CPU memory) with "
+                                             "accelerate, leaving room for the fp32 gradient sums."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."),
+    compute: str = typer.Option("compact", help="compact: cut removed structures out of the model between steps, "
+                                "so later steps compute less; masked: zero them (the straightforward way). Same "
+                                "ranking up to floating-point rounding."),
     resume: bool = typer.Option(False, help="Continue an unfinished run with the same options from its last step."),
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at --out."),
     copy_weights: bool = typer.Option(True, help="Copy the dense weights into the artifact; --no-copy-weights records "
                                       "the source path and sha256 instead."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
-    from .methods import PruneConfig
+    from .methods import ComputeOptions, PruneConfig
     from .prune_run import run_prune
 
+    if batch_size != "auto" and not batch_size.isdigit():
+        raise ValueError(f"--batch-size {batch_size!r}: give a number of sequences, or auto")
     cfg = PruneConfig(method=method, unit=unit, objective=objective, steps=steps, max_sparsity=max_sparsity,
                       schedule=schedule, normalization=normalization, protect_first=protect_first,
-                      protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
+                      protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len,
+                      batch_size=None if batch_size == "auto" else int(batch_size))
     from .prune_run import partial_dir
 
     try:
         with progress_bar() as progress:
-            summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, resume=resume,
+            summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, device_map=device_map,
+                                compute=ComputeOptions(compute), resume=resume,
                                 overwrite=overwrite, copy_weights=copy_weights, on_pass=pass_reporter(progress),
                                 log=lambda m: progress.console.print(m))
     except KeyboardInterrupt:

@@ -12,10 +12,12 @@ import torch.nn as nn
 
 from .data import Calibration
 from .families import ModelShape
-from .objectives import objective_gradient, scored_weights
-from .ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
-from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, wanda_scores,
-                      zero_structure)
+from .objectives import AUTO_BATCH_CPU, fit_batch_size, objective_gradient, scored_weights
+from .ranking import (CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, structure_params,
+                      units_per_layer)
+from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, scores_kv,
+                      wanda_scores, zero_structure)
+from .shrinking import ShrinkingModel
 
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "random")
 SCHEDULES = ("params", "structures")
@@ -41,7 +43,7 @@ class PruneConfig:
     seed: int = 0
     samples: int = 128
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int | None = None  # sequences per forward/backward; None: fitted to the device (objectives.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -60,13 +62,31 @@ class PruneConfig:
         if not 0 <= self.protect_first < 1 or self.protect_last < 0:
             raise ValueError("--protect-first is a fraction of layers in [0, 1); --protect-last a count >= 0")
         for name in ("samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
     def protected_layers(self, num_layers: int) -> list[int]:
         first = set(range(int(self.protect_first * num_layers)))
         last = set(range(max(0, num_layers - self.protect_last), num_layers))
         return sorted(first | last)
+
+
+COMPUTE_MODES = ("compact", "masked")
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How GISP's scoring passes run. None of it changes the ranking beyond floating-point rounding
+    (identical in fp32 on the tests' models), so a resumed run may change it."""
+
+    compute: str = "compact"  # compact: cut removed structures out between steps (shrinking.py); masked: zero them
+    channel_multiple: int = 64  # compact: pad each layer's channels with zero ones to a multiple of this
+
+    def __post_init__(self):
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"unknown compute mode {self.compute!r}; choose one of {', '.join(COMPUTE_MODES)}")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
 
 
 @dataclass
@@ -150,9 +170,10 @@ class Remover:
 
 def prune(model: nn.Module, shape: ModelShape, calib: Calibration | None, cfg: PruneConfig,
           state: PruneState | None = None, on_step: Callable[[PruneState], None] | None = None,
-          on_pass: PassProgress | None = None) -> Ranking:
-    """Rank every structure of `model` with `cfg.method`. Iterative methods zero removed structures in
-    `model` as they go; `state` resumes a run and `on_step` is told after each completed step."""
+          on_pass: PassProgress | None = None, compute: ComputeOptions = ComputeOptions()) -> Ranking:
+    """Rank every structure of `model` with `cfg.method`. Iterative methods change `model` as they go: under
+    compute="compact" (default) removed structures are cut out of its layers, under "masked" they are zeroed;
+    `state` resumes a run and `on_step` is told after each completed step."""
     state = state or PruneState()
     protected = cfg.protected_layers(shape.num_layers)
     pool = Pool(shape, cfg.unit, protected)
@@ -164,7 +185,7 @@ def prune(model: nn.Module, shape: ModelShape, calib: Calibration | None, cfg: P
             f"layers {protected} only {capacity} ({capacity / shape.total_params:.3f}) can be; lower --max-sparsity "
             "or protect fewer layers")
     if cfg.method in ("gisp", "oneshot"):
-        return _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass)
+        return _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compute)
     remover = Remover(None, shape, cfg.unit, state)
     if cfg.method == "random":
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -174,7 +195,7 @@ def prune(model: nn.Module, shape: ModelShape, calib: Calibration | None, cfg: P
         heads, channels = normalize(*magnitude_scores(model, shape, cfg.unit), shape, cfg.unit, cfg.normalization)
     else:  # wanda-sp
         advance = on_pass("activation norms", calib.input_ids.numel()) if on_pass else None
-        norms = input_norms(model, shape, calib, cfg.batch_size, advance)
+        norms = input_norms(model, shape, calib, cfg.batch_size or AUTO_BATCH_CPU, advance)
         heads, channels = normalize(*wanda_scores(model, shape, cfg.unit, norms), shape, cfg.unit, cfg.normalization)
     values = pool.values(heads, channels)
     order_values = _layer_uniform_keys(pool, values) if cfg.method == "wanda-sp" else values
@@ -197,21 +218,45 @@ def _layer_uniform_keys(pool: Pool, values: np.ndarray) -> np.ndarray:
     return keys
 
 
-def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass) -> Ranking:
+def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compute: ComputeOptions) -> Ranking:
     if calib is None:
         raise ValueError(f"method {cfg.method} needs calibration data")
     steps = 1 if cfg.method == "oneshot" else cfg.steps
-    remover = Remover(model, shape, cfg.unit, state)
-    weights = scored_weights(model, shape, cfg.unit)
+    shrinking = ShrinkingModel(model, shape, cfg.unit, compute.channel_multiple) if compute.compute == "compact" \
+        else None
+    remover = Remover(None if shrinking else model, shape, cfg.unit, state)
+    with_kv = scores_kv(shape, cfg.unit)
+    protected = set(cfg.protected_layers(shape.num_layers))
+    unprotected = [l for l in range(shape.num_layers) if l not in protected]
+    # A step removes at most per_step structures of at most this many parameters each (a head may free its KV).
+    head_cost, channel_cost = structure_params(shape, cfg.unit)
+    most_params = max(head_cost + (shape.kv_head_params if cfg.unit == "q_head" and shape.is_gqa else 0),
+                      channel_cost)
     per_step = math.ceil(cfg.max_sparsity * len(pool) / steps)
+    batch_size = cfg.batch_size
     step = state.step
     while remover.removed_params < target:
         step += 1
+        # Protected layers are never removed; their scores only order the ranking's uncovered tail, which takes
+        # them from the last step. Earlier steps skip their weight gradients (and the backward below them).
+        if cfg.schedule == "params":
+            maybe_last = step >= steps
+        else:
+            maybe_last = remover.removed_params + per_step * most_params >= target
+        layers = range(shape.num_layers) if maybe_last else unprotected
+        if shrinking is not None:
+            shrinking.cut(remover.done)
+            weights = shrinking.weights(layers, with_kv)
+        else:
+            weights = scored_weights(model, shape, cfg.unit, layers)
+        if batch_size is None:
+            batch_size = fit_batch_size(model, weights, calib)
         advance = on_pass(f"step {step}/{steps} scoring", calib.input_ids.numel()) if on_pass else None
-        grads = objective_gradient(model, weights, calib, cfg.batch_size, advance)
-        heads, channels = normalize(*gradient_scores(model, shape, cfg.unit, grads), shape, cfg.unit,
-                                    cfg.normalization)
-        del grads
+        grads = objective_gradient(model, weights, calib, batch_size, advance)
+        raw = shrinking.scores(grads, layers, with_kv) if shrinking is not None \
+            else gradient_scores(model, shape, cfg.unit, grads, layers)
+        del grads, weights
+        heads, channels = normalize(*raw, shape, cfg.unit, cfg.normalization)
         values = pool.values(heads, channels)
         if cfg.schedule == "params":
             step_target = target if step >= steps else target * step / steps
@@ -224,6 +269,3 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass) -> Ra
     if state.last_heads is None:
         raise ValueError("resumed state has no scores; delete the partial run and start again")
     return build_ranking(shape, cfg.unit, list(state.removed), all_scores(state.last_heads, state.last_channels))
-
-
-

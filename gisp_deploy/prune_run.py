@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -19,7 +20,8 @@ from .artifact import (ArtifactError, WriteError, ensure_writable_parent, resolv
                        write_artifact, write_error, write_failure)
 from .data import load_calibration
 from .families import ModelShape
-from .methods import PruneConfig, PruneState, prune
+from .methods import ComputeOptions, PruneConfig, PruneState, prune
+from .objectives import fit_batch_size, scored_weights
 from .ranking import Ranking
 
 NEEDS_CALIBRATION = ("gisp", "oneshot", "wanda-sp")
@@ -74,6 +76,79 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+GRAD_BYTES = 4  # the fp32 gradient sum kept next to each scored weight
+ACTIVATION_SHARE = 0.15  # of each GPU's free memory, left for activations of the micro-batches
+
+
+def plan_placement(model_dir: Path, dtype: torch.dtype, strategy: str, max_memory: dict | None = None) -> dict:
+    """A device map (module name -> GPU index or "cpu") for scoring a model too large for one device.
+
+    accelerate sizes it from the weights alone, so each device is offered only the share of its memory that
+    the weights may take: the fp32 gradient sums of the scored weights sit next to them on the same device."""
+    if strategy not in DEVICE_MAPS:
+        raise ValueError(f"--device-map {strategy!r}: choose one of {', '.join(DEVICE_MAPS)}")
+    try:
+        from accelerate import infer_auto_device_map, init_empty_weights
+        from accelerate.utils import get_balanced_memory, get_max_memory
+    except ImportError:
+        raise ValueError("--device-map needs accelerate: pip install accelerate") from None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    share = dtype.itemsize / (dtype.itemsize + GRAD_BYTES)
+    if max_memory is None:
+        max_memory = {k: int(v * share * (1 - ACTIVATION_SHARE if k != "cpu" else 1))
+                      for k, v in get_max_memory().items()}
+    no_split = meta._no_split_modules
+    if strategy in ("auto", "balanced") and any(k != "cpu" for k in max_memory):
+        max_memory = get_balanced_memory(meta, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    placement = infer_auto_device_map(meta, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if "disk" in placement.values():
+        need = sum(p.numel() for p in meta.parameters()) * (dtype.itemsize + GRAD_BYTES) / 2**30
+        raise ValueError(f"the model needs about {need:.0f} GiB for weights and fp32 gradient sums, more than the "
+                         "visible GPUs and CPU memory hold; use more GPUs or a machine with more memory")
+    return placement
+
+
+def load_placed(model_dir: Path, dtype: torch.dtype, placement: dict):
+    """The model with its layers on the devices of `placement`. Layers placed on "cpu" stay there and run
+    there (slowly): their weights must stay real tensors to receive gradients, so they are not offloaded."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    weight_files(model_dir)
+    if "cpu" not in placement.values():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                     device_map=placement)
+    else:  # transformers would offload the CPU part (weights on meta, no gradients): dispatch it ourselves
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        quiet = logging.getLogger("accelerate.big_modeling")  # it warns of offloading whenever "cpu" is named
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            model = dispatch_model(model, device_map=placement, main_device="cpu")
+        finally:
+            quiet.setLevel(level)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"parameters offloaded by accelerate cannot receive gradients: {left[:3]}...")
+    return model.eval()
+
+
+def describe_placement(placement: dict) -> str:
+    """E.g. "0: 17 modules, 1: 16 modules, cpu: 2 modules"."""
+    if set(placement) == {""}:
+        return f"all on {placement['']}"
+    counts: dict = {}
+    for dev in placement.values():
+        counts[dev] = counts.get(dev, 0) + 1
+    return ", ".join(f"{d}: {n} module{'s' * (n != 1)}" for d, n in counts.items())
+
+
 def partial_dir(out: Path) -> Path:
     out = Path(out)
     return out.resolve().parent / f".{out.name}.partial"
@@ -101,9 +176,11 @@ def load_state(path: Path) -> PruneState:
 
 
 def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device=None, dtype=None,
+              device_map: str | None = None, compute: ComputeOptions = ComputeOptions(),
               resume: bool = False, overwrite: bool = False, copy_weights: bool = True,
               on_pass=None, log=print) -> dict:
-    """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary."""
+    """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary.
+    `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory)."""
     t0 = time.perf_counter()
     out = Path(out)
     sweep_stale(out)  # a writer killed while replacing `out` put back first, so the check below sees it
@@ -119,8 +196,11 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     except (ValueError, KeyError) as e:
         raise ArtifactError(f"{model_dir}: cannot read config.json ({str(e)[:200]})") from None
     shape = ModelShape.from_config(config)
+    if device_map is not None and device not in (None, "auto"):
+        raise ValueError(f"pass --device {device} or --device-map {device_map}, not both")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    placement = plan_placement(model_dir, dt, device_map) if device_map is not None else None
     tokenizer = load_tokenizer(model_dir)
     calib = None
     if cfg.method in NEEDS_CALIBRATION:
@@ -175,8 +255,18 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
                 kept, fix = "nothing was kept", None
             raise write_error(e, work, kept, work, fix) from None
 
-    dense = load_model(model_dir, dev, dt)
-    ranking: Ranking = prune(dense, shape, calib, cfg, state=state, on_step=checkpoint, on_pass=counting_pass)
+    if placement is not None:
+        log(f"layers placed with accelerate ({device_map}): {describe_placement(placement)}")
+        dense = load_placed(model_dir, dt, placement)
+    else:
+        dense = load_model(model_dir, dev, dt)
+    run_cfg = cfg
+    if cfg.batch_size is None and cfg.method in ("gisp", "oneshot"):
+        run_cfg = dataclasses.replace(cfg, batch_size=fit_batch_size(dense, scored_weights(dense, shape, cfg.unit),
+                                                                     calib))
+        log(f"micro-batch: {run_cfg.batch_size} sequences of {calib.input_ids.shape[1]} tokens")
+    ranking: Ranking = prune(dense, shape, calib, run_cfg, state=state, on_step=checkpoint, on_pass=counting_pass,
+                             compute=compute)
     elapsed = time.perf_counter() - t0
     import transformers
 
@@ -189,8 +279,10 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         "calibration": calib.fingerprint if calib else None,
         "source_model": str(model),
         "options": dataclasses.asdict(cfg),
-        "run": {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "wall_s": round(elapsed, 2),
-                "tokens_scored": tokens["n"]},
+        "run": {"device": str(dev) if placement is None else f"{device_map}: {describe_placement(placement)}",
+                "dtype": str(dt).replace("torch.", ""), "batch_size": run_cfg.batch_size,
+                "compute": compute.compute if cfg.method in ("gisp", "oneshot") else None,
+                "wall_s": round(elapsed, 2), "tokens_scored": tokens["n"]},
         "versions": {"gisp_deploy": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }

@@ -11,29 +11,30 @@ from .ranking import CHANNEL, HEAD, units_per_layer
 NORMALIZATIONS = ("reference", "params", "none")
 
 
-def _rows(x: torch.Tensor, units: int) -> torch.Tensor:
+def rows_per_unit(x: torch.Tensor, units: int) -> torch.Tensor:
     return x.reshape(units, -1).sum(1, dtype=torch.float64)  # [units]
 
 
-def _cols(x: torch.Tensor, units: int) -> torch.Tensor:
+def cols_per_unit(x: torch.Tensor, units: int) -> torch.Tensor:
     return x.reshape(x.shape[0], units, -1).sum((0, 2), dtype=torch.float64)  # [units]
 
 
-def _aggregate(per_weight, shape: ModelShape, unit: str, with_kv: bool):
-    """Sum a per-weight quantity over each structure: per_weight(layer, module, proj) -> tensor or None."""
+def _aggregate(per_weight, shape: ModelShape, unit: str, with_kv: bool, layers=None):
+    """Sum a per-weight quantity over each structure of `layers` (default all; others stay 0):
+    per_weight(layer, proj) -> tensor."""
     units = units_per_layer(shape, unit)
     heads = torch.zeros(shape.num_layers, units, dtype=torch.float64)
     channels = torch.zeros(shape.num_layers, shape.intermediate, dtype=torch.float64)
-    for layer in range(shape.num_layers):
-        h = _rows(per_weight(layer, "q_proj"), units) + _cols(per_weight(layer, "o_proj"), units)
+    for layer in range(shape.num_layers) if layers is None else layers:
+        h = rows_per_unit(per_weight(layer, "q_proj"), units) + cols_per_unit(per_weight(layer, "o_proj"), units)
         if with_kv:
-            k = _rows(per_weight(layer, "k_proj"), shape.num_kv_heads)
-            v = _rows(per_weight(layer, "v_proj"), shape.num_kv_heads)
+            k = rows_per_unit(per_weight(layer, "k_proj"), shape.num_kv_heads)
+            v = rows_per_unit(per_weight(layer, "v_proj"), shape.num_kv_heads)
             h = h + (k + v).repeat_interleave(units // shape.num_kv_heads)
         heads[layer] = h.cpu()
-        channels[layer] = (_rows(per_weight(layer, "gate_proj"), shape.intermediate)
-                           + _rows(per_weight(layer, "up_proj"), shape.intermediate)
-                           + _cols(per_weight(layer, "down_proj"), shape.intermediate)).cpu()
+        channels[layer] = (rows_per_unit(per_weight(layer, "gate_proj"), shape.intermediate)
+                           + rows_per_unit(per_weight(layer, "up_proj"), shape.intermediate)
+                           + cols_per_unit(per_weight(layer, "down_proj"), shape.intermediate)).cpu()
     return heads, channels
 
 
@@ -49,11 +50,11 @@ def scores_kv(shape: ModelShape, unit: str) -> bool:
 
 
 @torch.no_grad()
-def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor]):
-    """GISP's first-order importance: Σ |W ⊙ Ḡ| over each structure's weights."""
+def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor], layers=None):
+    """GISP's first-order importance: Σ |W ⊙ Ḡ| over each structure's weights (of `layers`, default all)."""
     def per_weight(layer, proj):
         return (_weight(model, layer, proj).float() * grads[f"{layer}.{proj}"]).abs()
-    return _aggregate(per_weight, shape, unit, scores_kv(shape, unit))
+    return _aggregate(per_weight, shape, unit, scores_kv(shape, unit), layers)
 
 
 @torch.no_grad()
@@ -119,8 +120,8 @@ def wanda_scores(model: nn.Module, shape: ModelShape, unit: str, norms: dict[str
     channels = torch.zeros(shape.num_layers, shape.intermediate, dtype=torch.float64)
     for layer in range(shape.num_layers):
         attn, mlp = layer_modules(model, layer)
-        heads[layer] = _cols(attn.o_proj.weight.float().abs() * norms[f"{layer}.o"], units).cpu()
-        channels[layer] = _cols(mlp.down_proj.weight.float().abs() * norms[f"{layer}.down"], shape.intermediate).cpu()
+        heads[layer] = cols_per_unit(attn.o_proj.weight.float().abs() * norms[f"{layer}.o"], units).cpu()
+        channels[layer] = cols_per_unit(mlp.down_proj.weight.float().abs() * norms[f"{layer}.down"], shape.intermediate).cpu()
     return heads, channels
 
 

@@ -150,3 +150,26 @@ def test_help_shows_examples():
     for cmd in ("prune", "inspect", "eval"):
         res = cli(cmd, "--help")
         assert res.returncode == 0 and "Examples" in res.stdout and "gisp-deploy " + cmd in res.stdout
+
+
+def test_device_map_and_auto_batch_give_the_same_artifact_ranking(tmp_path):
+    """--device-map goes through accelerate's placement and dispatch; on a CPU-only machine every layer lands
+    on the CPU, and the ranking must be byte-identical to a plain --device cpu run with the same micro-batch."""
+    model = make_model_dir(tmp_path, "llama-gqa")
+    opts = ["--calib", CALIB_TEXT, "--samples", "20", "--seq-len", "32", "--steps", "2", "--max-sparsity", "0.4"]
+    placed = cli("prune", model, "--out", tmp_path / "placed", *opts, "--device-map", "auto")
+    assert placed.returncode == 0, placed.stderr
+    assert "layers placed with accelerate (auto): all on cpu" in placed.stderr
+    assert "micro-batch: 16 sequences of 32 tokens" in placed.stderr
+    plain = cli("prune", model, "--out", tmp_path / "plain", *opts, "--device", "cpu", "--batch-size", "16")
+    assert plain.returncode == 0, plain.stderr
+    assert (tmp_path / "placed" / RANKING).read_bytes() == (tmp_path / "plain" / RANKING).read_bytes()
+    run = json.loads((tmp_path / "placed" / MANIFEST).read_text())["run"]
+    assert run["device"] == "auto: all on cpu" and run["batch_size"] == 16 and run["compute"] == "compact"
+    for extra, message in ((["--device", "cpu", "--device-map", "auto"], "not both"),
+                           (["--device-map", "everywhere"], "choose one of auto, balanced, sequential"),
+                           (["--batch-size", "many"], "give a number of sequences, or auto"),
+                           (["--compute", "sparse"], "unknown compute mode")):
+        res = cli("prune", model, "--out", tmp_path / "bad", *opts, *extra)
+        assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
+        assert not (tmp_path / "bad").exists()
