@@ -12,9 +12,8 @@ import torch.nn as nn
 
 from .data import Calibration
 from .families import ModelShape
-from .objectives import AUTO_BATCH_CPU, fit_batch_size, objective_gradient, scored_weights
-from .ranking import (CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, structure_params,
-                      units_per_layer)
+from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
+from .ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
 from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, scores_kv,
                       wanda_scores, zero_structure)
 from .shrinking import ShrinkingModel
@@ -79,7 +78,10 @@ class ComputeOptions:
     """How GISP's scoring passes run. None of it changes the ranking beyond floating-point rounding
     (identical in fp32 on the tests' models), so a resumed run may change it."""
 
-    compute: str = "compact"  # compact: cut removed structures out between steps (shrinking.py); masked: zero them
+    # compact: cut removed structures out between steps (shrinking.py) and start later passes after the leading
+    # protected layers, from their outputs kept in memory (objectives.LeadingCache); masked: zero removed
+    # structures and run every layer every pass (the straightforward way)
+    compute: str = "compact"
     channel_multiple: int = 64  # compact: pad each layer's channels with zero ones to a multiple of this
 
     def __post_init__(self):
@@ -222,47 +224,50 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
     if calib is None:
         raise ValueError(f"method {cfg.method} needs calibration data")
     steps = 1 if cfg.method == "oneshot" else cfg.steps
-    shrinking = ShrinkingModel(model, shape, cfg.unit, compute.channel_multiple) if compute.compute == "compact" \
-        else None
-    remover = Remover(None if shrinking else model, shape, cfg.unit, state)
+    compact = compute.compute == "compact"
+    shrinking = ShrinkingModel(model, shape, cfg.unit, compute.channel_multiple) if compact else None
+    remover = Remover(None if compact else model, shape, cfg.unit, state)
+    protected = cfg.protected_layers(shape.num_layers)
+    unprotected = [l for l in range(shape.num_layers) if l not in set(protected)]
+    leading = LeadingCache(next(l for l in range(shape.num_layers + 1) if l not in protected)) if compact else None
     with_kv = scores_kv(shape, cfg.unit)
-    protected = set(cfg.protected_layers(shape.num_layers))
-    unprotected = [l for l in range(shape.num_layers) if l not in protected]
-    # A step removes at most per_step structures of at most this many parameters each (a head may free its KV).
-    head_cost, channel_cost = structure_params(shape, cfg.unit)
-    most_params = max(head_cost + (shape.kv_head_params if cfg.unit == "q_head" and shape.is_gqa else 0),
-                      channel_cost)
     per_step = math.ceil(cfg.max_sparsity * len(pool) / steps)
     batch_size = cfg.batch_size
-    step = state.step
-    while remover.removed_params < target:
-        step += 1
-        # Protected layers are never removed; their scores only order the ranking's uncovered tail, which takes
-        # them from the last step. Earlier steps skip their weight gradients (and the backward below them).
-        if cfg.schedule == "params":
-            maybe_last = step >= steps
-        else:
-            maybe_last = remover.removed_params + per_step * most_params >= target
-        layers = range(shape.num_layers) if maybe_last else unprotected
-        if shrinking is not None:
-            shrinking.cut(remover.done)
+
+    def scores(layers, description):
+        nonlocal batch_size
+        if compact:
             weights = shrinking.weights(layers, with_kv)
         else:
             weights = scored_weights(model, shape, cfg.unit, layers)
         if batch_size is None:
             batch_size = fit_batch_size(model, weights, calib)
-        advance = on_pass(f"step {step}/{steps} scoring", calib.input_ids.numel()) if on_pass else None
-        grads = objective_gradient(model, weights, calib, batch_size, advance)
-        raw = shrinking.scores(grads, layers, with_kv) if shrinking is not None \
-            else gradient_scores(model, shape, cfg.unit, grads, layers)
-        del grads, weights
-        heads, channels = normalize(*raw, shape, cfg.unit, cfg.normalization)
+        advance = on_pass(description, calib.input_ids.numel()) if on_pass else None
+        grads = objective_gradient(model, weights, calib, batch_size, advance, leading)
+        raw = shrinking.scores(grads, layers, with_kv) if compact else gradient_scores(model, shape, cfg.unit, grads)
+        return normalize(*raw, shape, cfg.unit, cfg.normalization)
+
+    step = state.step
+    while remover.removed_params < target:
+        step += 1
+        # Compact: protected layers are never removed, and their scores only order the ranking's uncovered tail,
+        # which takes them from the last step; other steps skip their weight gradients (and the backward below
+        # them). The last step is known in advance under the params schedule; otherwise they get a pass of their
+        # own once a step has reached the target, on the model that step scored (cut only at the next step).
+        known_last = cfg.schedule == "params" and step >= steps
+        if compact:
+            shrinking.cut(remover.done)
+        heads, channels = scores(range(shape.num_layers) if known_last or not compact else unprotected,
+                                 f"step {step}/{steps} scoring")
         values = pool.values(heads, channels)
         if cfg.schedule == "params":
             step_target = target if step >= steps else target * step / steps
             remover.run(pool, values, step_target, step)
         else:
             remover.run(pool, values, target, step, max_count=per_step)
+        if compact and not known_last and protected and remover.removed_params >= target:
+            tail_heads, tail_channels = scores(protected, f"step {step}/{steps} protected layers")
+            heads, channels = heads + tail_heads, channels + tail_channels  # disjoint layers, zero elsewhere
         state.step, state.last_heads, state.last_channels = step, heads, channels
         if on_step is not None:
             on_step(state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -27,23 +28,70 @@ def scored_weights(model: nn.Module, shape: ModelShape, unit: str, layers=None) 
     return out
 
 
-def sequence_nll(model: nn.Module, input_ids, attention_mask, loss_mask) -> torch.Tensor:
-    """Mean NLL over each sequence's loss-masked target tokens: [B]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
+def sequence_nll(model: nn.Module, input_ids, attention_mask, loss_mask, hidden=None) -> torch.Tensor:
+    """Mean NLL over each sequence's loss-masked target tokens: [B]. With `hidden` ([B, T, D]), the model's
+    layers (truncated by LeadingCache.skipping) start from those hidden states instead of the embeddings."""
+    if hidden is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
+    else:
+        logits = model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
     targets = input_ids[:, 1:]  # [B, T-1]
     mask = loss_mask[:, 1:].to(torch.float32)  # [B, T-1]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # [B, T-1]
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+class LeadingCache:
+    """The hidden states entering layer `count`, per micro-batch, kept from the first pass that computes them.
+
+    GISP never prunes the leading protected layers and never changes their inputs, so their outputs are the same
+    at every step; later passes start at layer `count` from these (bit-identical, nothing recomputed). A pass
+    that needs gradients of those layers' weights runs them as usual."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.hidden: list[torch.Tensor] = []
+        self.batch_size: int | None = None
+
+    def ready(self, batch_size: int, batches: int) -> bool:
+        return self.batch_size == batch_size and len(self.hidden) == batches
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module, batch_size: int):
+        self.hidden, self.batch_size = [], batch_size
+
+        def keep(_module, _args, out):
+            self.hidden.append((out[0] if isinstance(out, tuple) else out).detach())
+
+        handle = model.model.layers[self.count - 1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def skipping(self, model: nn.Module):
+        layers = model.model.layers
+        model.model.layers = nn.ModuleList(list(layers)[self.count:])
+        try:
+            yield
+        finally:
+            model.model.layers = layers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.hidden)
+
+
 def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration,
-                       batch_size: int, progress=None) -> dict[str, torch.Tensor]:
+                       batch_size: int, progress=None, leading: LeadingCache | None = None) -> dict[str, torch.Tensor]:
     """Σ_i w_i ∇ nll_i for each weight in `weights`, as fp32 tensors; the model is left unchanged.
 
     Only `weights` require gradients, so autograd computes no other weight gradient and stops at the first
     layer that holds one of them. Each micro-batch's gradient is added into its fp32 sum from inside the
     backward pass, as soon as it is ready, and freed there: no model-dtype gradient outlives its layer's
-    backward, and no separate pass over the weights follows it."""
+    backward, and no separate pass over the weights follows it. `leading` skips the leading protected layers
+    once their outputs are known (unless `weights` holds one of their weights)."""
     wanted = {id(p) for p in weights.values()}
     saved = {}
     for p in model.parameters():
@@ -60,13 +108,19 @@ def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib
 
     hooks = [p.register_post_accumulate_grad_hook(accumulate(k)) for k, p in weights.items()]
     device = model.get_input_embeddings().weight.device
+    batches = -(-int(calib.input_ids.shape[0]) // batch_size)
+    context, replay = contextlib.nullcontext(), False
+    if leading is not None and leading.count > 0 and not any(int(k.split(".")[0]) < leading.count for k in weights):
+        replay = leading.ready(batch_size, batches)
+        context = leading.skipping(model) if replay else leading.recording(model, batch_size)
     try:
-        for ids, att, lmask, w in calib.batches(batch_size):
-            ids, att, lmask = ids.to(device), att.to(device), lmask.to(device)
-            nll = sequence_nll(model, ids, att, lmask)  # [B]
-            (nll * w.to(device=nll.device, dtype=torch.float32)).sum().backward()
-            if progress is not None:
-                progress(int(ids.shape[0]) * int(ids.shape[1]))
+        with context:
+            for b, (ids, att, lmask, w) in enumerate(calib.batches(batch_size)):
+                ids, att, lmask = ids.to(device), att.to(device), lmask.to(device)
+                nll = sequence_nll(model, ids, att, lmask, leading.hidden[b] if replay else None)  # [B]
+                (nll * w.to(device=nll.device, dtype=torch.float32)).sum().backward()
+                if progress is not None:
+                    progress(int(ids.shape[0]) * int(ids.shape[1]))
     finally:
         for h in hooks:
             h.remove()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gisp_deploy.data import DataError, load_calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.objectives import objective_gradient, scored_weights
+from gisp_deploy.objectives import LeadingCache, objective_gradient, scored_weights
 from tests.factory import make_model_dir
 
 
@@ -98,6 +98,37 @@ def test_lm_gradient_is_mean_over_samples_and_fp32(setup):
     torch.testing.assert_close(got["3.o_proj"], want, atol=1e-6, rtol=1e-4)
     assert got["3.o_proj"].dtype == torch.float32
     assert "0.k_proj" not in weights  # GQA query-head scoring needs no k/v gradients
+
+
+def test_leading_cache_skips_the_leading_layers_bit_identically(setup):
+    model, shape, tok = setup
+    from tests.factory import CALIB_TEXT
+
+    calib = load_calibration("lm", tok, [CALIB_TEXT], samples=5, seq_len=16, seed=2)
+    calls = []
+    hooks = [model.model.layers[i].register_forward_hook(lambda *_a, i=i: calls.append(i)) for i in range(4)]
+    try:
+        weights = scored_weights(model, shape, "q_head", [2, 3])
+        plain = objective_gradient(model, weights, calib, 2)
+        leading = LeadingCache(2)
+        calls.clear()
+        first = objective_gradient(model, weights, calib, 2, leading=leading)  # records the outputs of layer 1
+        assert calls == [0, 1, 2, 3] * 3 and len(leading.hidden) == 3 and leading.nbytes == 5 * 16 * 32 * 4
+        calls.clear()
+        again = objective_gradient(model, weights, calib, 2, leading=leading)  # starts at layer 2
+        assert calls == [2, 3] * 3
+        assert len(model.model.layers) == 4  # the layers are put back
+        calls.clear()
+        full = objective_gradient(model, scored_weights(model, shape, "q_head"), calib, 2, leading=leading)
+        assert calls == [0, 1, 2, 3] * 3  # gradients of layers 0-1 asked for: nothing skipped
+        objective_gradient(model, weights, calib, 4, leading=leading)  # another micro-batch: recorded anew
+        assert leading.batch_size == 4 and len(leading.hidden) == 2
+    finally:
+        for h in hooks:
+            h.remove()
+    for key in weights:
+        assert torch.equal(first[key], plain[key]) and torch.equal(again[key], plain[key]), key
+        assert torch.equal(full[key], plain[key]), key
 
 
 def test_bad_jsonl_records(setup, tmp_path):

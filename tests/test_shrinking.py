@@ -119,10 +119,12 @@ def test_bf16_scores_equal_up_to_rounding(tmp_path):
         assert np.corrcoef(got.flatten(), want.flatten())[0, 1] > 0.999
 
 
-def test_protected_layers_get_gradients_only_when_the_run_may_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["params", "structures"])
+def test_protected_layers_get_gradients_only_for_the_last_step(tmp_path, monkeypatch, schedule):
     from gisp_deploy import methods
 
-    model, shape, tok = _load(make_model_dir(tmp_path, "llama-gqa"))
+    path = make_model_dir(tmp_path, "llama-gqa")
+    model, shape, tok = _load(path)
     calib = load_calibration("lm", tok, [CALIB_TEXT], samples=4, seq_len=16, seed=0)
     asked = []
     real = methods.objective_gradient
@@ -132,9 +134,16 @@ def test_protected_layers_get_gradients_only_when_the_run_may_end(tmp_path, monk
         return real(model, weights, *args, **kw)
 
     monkeypatch.setattr(methods, "objective_gradient", spy)
-    cfg = PruneConfig(steps=3, max_sparsity=0.4, protect_first=0.25, protect_last=1, batch_size=2)
+    cfg = PruneConfig(steps=3, max_sparsity=0.4, protect_first=0.25, protect_last=1, batch_size=2, schedule=schedule)
     ranking = prune(model, shape, calib, cfg)
-    assert asked == [[1, 2], [1, 2], [0, 1, 2, 3]]
+    if schedule == "params":  # the last step is known in advance: it scores every layer
+        assert asked == [[1, 2], [1, 2], [0, 1, 2, 3]]
+    else:  # known once a step reached the target: one more pass, for the protected layers, on that step's model
+        assert asked[:-1] == [[1, 2]] * (len(asked) - 1) and asked[-1] == [0, 3] and len(asked) >= 4
     tail = ranking.layer[ranking.num_covered:]
     assert set(tail.tolist()) >= {0, 3}
     assert np.all(ranking.score[ranking.num_covered:][np.isin(tail, [0, 3])] > 0)  # ordered by real scores
+    monkeypatch.undo()
+    masked = prune(_load(path)[0], shape, calib, cfg, compute=ComputeOptions("masked"))
+    for field in ("layer", "kind", "index", "step"):
+        assert np.array_equal(getattr(ranking, field), getattr(masked, field)), field
