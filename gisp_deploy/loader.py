@@ -3,8 +3,9 @@
 Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
 read with positioned reads: kept rows straight into the compact tensor (only their bytes are read), a tensor
 with kept columns whole and then selected, so peak memory is the compact model plus one dense tensor and no
-mapping of the checkpoint stays behind. On CUDA each tensor is read whole onto the device and gathered
-there (Triton kernels when available). A slice that keeps everything is memory-mapped, as transformers does.
+mapping of the checkpoint stays behind. On CUDA the dense tensors are read whole onto the device and gathered
+there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes (several layers) in one launch for
+rows and one for columns. A slice that keeps everything is memory-mapped, as transformers does.
 """
 
 from __future__ import annotations
@@ -27,18 +28,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
-# ---- the row / column gathers (a CUDA path uses the Triton kernels of gisp_deploy/kernels/gather.py when present)
-def _kernels_for(t: torch.Tensor):
-    """kernels.gather (Triton ragged gathers) for a CUDA tensor when it is installed, else None (torch)."""
-    if not t.is_cuda:
-        return None
-    try:
-        from .kernels import gather
-    except Exception:
-        return None
-    return gather if hasattr(gather, "gather_rows") and hasattr(gather, "gather_cols") else None
-
-
 def _runs(idx: list[int]) -> list[tuple[int, int]]:
     """[2, 3, 4, 9, 10] -> [(2, 5), (9, 11)]: maximal runs of consecutive indices as half-open ranges."""
     runs: list[list[int]] = []
@@ -50,25 +39,7 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def take(src: torch.Tensor, idx, dim: int) -> torch.Tensor:
-    """src's entries `idx` along `dim` (0: rows, 1: columns); everything kept: `src` itself, so a memory-mapped
-    tensor stays mapped."""
-    idx = [int(i) for i in idx]
-    if idx == list(range(src.shape[dim])):
-        return src
-    gather = _kernels_for(src)
-    keep = torch.tensor(idx, dtype=torch.long)
-    if gather is not None:
-        return (gather.gather_rows if dim == 0 else gather.gather_cols)([src], [keep])[0]
-    return src.index_select(dim, keep.to(src.device))
-
-
-def take_rows(src: torch.Tensor, idx) -> torch.Tensor:
-    return take(src, idx, 0)
-
-
-def take_cols(src: torch.Tensor, idx) -> torch.Tensor:
-    return take(src, idx, 1)
+GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 
 
 def _padded(t: torch.Tensor, src_pos: list[int], dim: int) -> torch.Tensor:
@@ -248,30 +219,70 @@ def _selection(key: str, layouts, head_dim: int):
 
 
 def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
-                    copy_mapped: bool = True) -> dict:
+                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
-    With copy_mapped=False, tensors kept whole stay memory-mapped (as transformers loads a dense model)."""
+
+    CPU (default): positioned reads of the kept rows; tensors sliced by columns read whole, then selected.
+    on_device: dense tensors read whole onto the reader's device, and every `budget` bytes of them gathered
+    in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
+    indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
+    memory-mapped on the CPU as transformers loads a dense model."""
+    budget = GATHER_BUDGET if budget is None else budget
     tied = set(_tied_keys(model))
-    direct = copy_mapped and reader.device == "cpu"  # positioned reads of the kept bytes, nothing mapped
-    sd = {}
-    for key, meta in model.state_dict().items():
-        if key in tied:  # tied to the input embeddings after loading, as transformers does
-            continue
-        rows, cols = _selection(key, layouts, head_dim)
-        src = None if direct else reader.source(key)
-        if rows is not None:
-            kept = [r for r in rows if r >= 0]
-            t = _padded(reader.read(key, kept) if direct else take_rows(src, kept), rows, 0)
-        elif cols is not None:
-            t = _padded(take_cols(reader.read(key) if direct else src, [c for c in cols if c >= 0]), cols, 1)
-        else:
-            t = reader.read(key) if direct else src
+    metas = {k: v for k, v in model.state_dict().items() if k not in tied}  # tied: set by tie_weights after loading
+    sd: dict[str, torch.Tensor] = {}
+
+    def finish(key: str, t: torch.Tensor) -> None:
+        meta = metas[key]
         if tuple(t.shape) != tuple(meta.shape):
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, the slice needs "
                                 f"{tuple(meta.shape)}; the weights do not match the artifact's config")
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
-        del src, t
+
+    pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
+    held = 0
+    for key in metas:
+        rows, cols = _selection(key, layouts, head_dim)
+        if not copy_mapped:
+            finish(key, reader.source(key))
+        elif on_device:
+            src = reader.source(key)
+            pending.append((key, src, rows, cols))
+            held += src.numel() * src.element_size()
+            if held >= budget:
+                _gather_round(pending, finish)
+                held = 0
+        elif rows is not None:
+            finish(key, _padded(reader.read(key, [r for r in rows if r >= 0]), rows, 0))
+        elif cols is not None:
+            kept = torch.tensor([c for c in cols if c >= 0], dtype=torch.long)
+            finish(key, _padded(reader.read(key).index_select(1, kept), cols, 1))
+        else:
+            finish(key, reader.read(key))
+    _gather_round(pending, finish)
     return sd
+
+
+def _gather_round(pending: list, finish) -> None:
+    """Gather the kept rows / columns of every pending tensor: one ragged launch per kind (and shared width)."""
+    from .kernels import gather
+
+    jobs = {0: [], 1: []}
+    for key, src, rows, cols in pending:
+        dim, pos = (0, rows) if rows is not None else (1, cols)
+        kept = [] if pos is None else [p for p in pos if p >= 0]
+        if pos is None or (len(pos) == len(kept) and kept == list(range(src.shape[dim]))):
+            finish(key, src)  # kept whole
+        elif src.dim() == 1:  # a bias: a few bytes, torch indexing
+            finish(key, _padded(src.index_select(0, torch.tensor(kept, dtype=torch.long, device=src.device)), pos, 0))
+        else:
+            jobs[dim].append((key, src, kept, pos))
+    for dim, fn in ((0, gather.gather_rows), (1, gather.gather_cols)):
+        if jobs[dim]:
+            got = fn([src for _, src, _, _ in jobs[dim]], [torch.tensor(k, dtype=torch.long) for _, _, k, _ in jobs[dim]])
+            for (key, _, _, pos), t in zip(jobs[dim], got):
+                finish(key, _padded(t, pos, dim))
+    pending.clear()
 
 
 def _tied_keys(model: nn.Module) -> list[str]:
@@ -283,9 +294,11 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
          tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
-         attn_implementation: str | None = None) -> nn.Module:
+         attn_implementation: str | None = None, gather: str = "auto") -> nn.Module:
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model;
-    `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice)."""
+    `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
+    gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
+    CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
     if not hasattr(artifact, "ranking"):
         artifact = load_artifact(artifact)
     if plan is None:
@@ -294,6 +307,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
         plan = plan_slice(artifact.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
     elif plan.shape != artifact.shape:
         raise ValueError("the plan was made for a model of another shape than the artifact's")
+    if gather not in ("auto", "device"):
+        raise ValueError(f"gather={gather!r}: choose auto or device")
     device = torch.device(device)
     layouts = plan_layouts(plan)
     config = compact_config(artifact.config, plan, dtype)
@@ -301,7 +316,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     read_dev = "cpu" if device.type == "cpu" else str(device)
     with WeightReader(artifact.weights_dir, read_dev) as reader:
         sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
-                             copy_mapped=plan.kept_params < plan.shape.total_params)
+                             copy_mapped=plan.kept_params < plan.shape.total_params,
+                             on_device=device.type != "cpu" or gather == "device")
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     tied = _tied_keys(model)
