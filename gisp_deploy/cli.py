@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -79,6 +80,9 @@ PRUNE_EXAMPLES = """
 
   # a 70B model over all visible GPUs (layers placed by accelerate; one GPU computes at a time)
   gisp-deploy prune ./Llama-3-70B --calib c4/ --device-map auto --out llama3-70b-gisp
+
+  # 8 GPUs, a model each: every process scores 1/8 of the sequences (data parallel, one all-reduce per step)
+  torchrun --nproc-per-node 8 -m gisp_deploy.cli prune ./Llama-3-8B --calib c4/ --out llama3-gisp
 """
 
 
@@ -120,8 +124,9 @@ def prune(
                                       "the source path and sha256 instead."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
+    from .distributed import Ranks
     from .methods import ComputeOptions, PruneConfig
-    from .prune_run import run_prune
+    from .prune_run import partial_dir, run_prune
 
     if batch_size != "auto" and not batch_size.isdigit():
         raise ValueError(f"--batch-size {batch_size!r}: give a number of sequences, or auto")
@@ -129,23 +134,28 @@ def prune(
                       schedule=schedule, normalization=normalization, protect_first=protect_first,
                       protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len,
                       batch_size=None if batch_size == "auto" else int(batch_size))
-    from .prune_run import partial_dir
-
+    ranks = Ranks.from_env()  # several processes under torchrun: rank 0 reports and writes
     try:
-        with progress_bar() as progress:
+        with progress_bar() if ranks.is_main else contextlib.nullcontext() as progress:
             summary = run_prune(model, calib, out, cfg, device=device, dtype=dtype, device_map=device_map,
-                                compute=ComputeOptions(compute), resume=resume,
-                                overwrite=overwrite, copy_weights=copy_weights, on_pass=pass_reporter(progress),
-                                log=lambda m: progress.console.print(m))
+                                compute=ComputeOptions(compute, ranks=ranks), resume=resume,
+                                overwrite=overwrite, copy_weights=copy_weights,
+                                on_pass=pass_reporter(progress) if progress else None,
+                                log=(lambda m: progress.console.print(m)) if progress else (lambda m: None))
     except KeyboardInterrupt:
         where = partial_dir(out)
         kept = f"progress up to the last completed step is kept in {where}; " if where.exists() else ""
         console.print(f"[yellow]interrupted[/]: {kept}rerun the same command with --resume", soft_wrap=True)
         raise typer.Exit(130) from None
+    finally:
+        ranks.stop()
+    if not ranks.is_main:
+        return
     console.print(
         f"[green]wrote[/] {summary['artifact']}: {summary['method']}, {summary['covered']}/{summary['structures']} "
         f"structures ranked, covers sparsity up to {summary['coverage']:.4f}; {summary['wall_s']:.1f} s, "
-        f"{summary['tokens_per_s']:.0f} tokens/s scored", soft_wrap=True)
+        f"{summary['tokens_per_s']:.0f} tokens/s scored" + (f" by {ranks.world} processes" if ranks.world > 1 else ""),
+        soft_wrap=True)
 
 
 INSPECT_EXAMPLES = """

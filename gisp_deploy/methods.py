@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .data import Calibration
+from .distributed import Ranks
 from .families import ModelShape
 from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
 from .ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
@@ -83,6 +84,7 @@ class ComputeOptions:
     # structures and run every layer every pass (the straightforward way)
     compute: str = "compact"
     channel_multiple: int = 64  # compact: pad each layer's channels with zero ones to a multiple of this
+    ranks: Ranks = Ranks()  # data parallel (distributed.py): this process scores its share of the sequences
 
     def __post_init__(self):
         if self.compute not in COMPUTE_MODES:
@@ -233,6 +235,9 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
     with_kv = scores_kv(shape, cfg.unit)
     per_step = math.ceil(cfg.max_sparsity * len(pool) / steps)
     batch_size = cfg.batch_size
+    ranks = compute.ranks
+    local = ranks.shard(calib)
+    reduce = ranks.sum if ranks.world > 1 else None
 
     def scores(layers, description):
         nonlocal batch_size
@@ -241,9 +246,9 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         else:
             weights = scored_weights(model, shape, cfg.unit, layers)
         if batch_size is None:
-            batch_size = fit_batch_size(model, weights, calib)
-        advance = on_pass(description, calib.input_ids.numel()) if on_pass else None
-        grads = objective_gradient(model, weights, calib, batch_size, advance, leading)
+            batch_size = fit_batch_size(model, weights, local)
+        advance = on_pass(description, local.input_ids.numel()) if on_pass else None
+        grads = objective_gradient(model, weights, local, batch_size, advance, leading, reduce)
         raw = shrinking.scores(grads, layers, with_kv) if compact else gradient_scores(model, shape, cfg.unit, grads)
         return normalize(*raw, shape, cfg.unit, cfg.normalization)
 

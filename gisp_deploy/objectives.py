@@ -84,14 +84,16 @@ class LeadingCache:
 
 
 def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration,
-                       batch_size: int, progress=None, leading: LeadingCache | None = None) -> dict[str, torch.Tensor]:
+                       batch_size: int, progress=None, leading: LeadingCache | None = None,
+                       reduce=None) -> dict[str, torch.Tensor]:
     """Σ_i w_i ∇ nll_i for each weight in `weights`, as fp32 tensors; the model is left unchanged.
 
     Only `weights` require gradients, so autograd computes no other weight gradient and stops at the first
     layer that holds one of them. Each micro-batch's gradient is added into its fp32 sum from inside the
     backward pass, as soon as it is ready, and freed there: no model-dtype gradient outlives its layer's
     backward, and no separate pass over the weights follows it. `leading` skips the leading protected layers
-    once their outputs are known (unless `weights` holds one of their weights)."""
+    once their outputs are known (unless `weights` holds one of their weights). `reduce` (data parallel:
+    distributed.Ranks.sum) adds the sums of all processes, each of which was given its share of `calib`."""
     wanted = {id(p) for p in weights.values()}
     saved = {}
     for p in model.parameters():
@@ -127,6 +129,8 @@ def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib
         for p, flag in saved.items():
             p.requires_grad_(flag)
             p.grad = None
+    if reduce is not None:
+        reduce(acc.values())
     return acc
 
 
@@ -142,12 +146,21 @@ def fit_batch_size(model: nn.Module, weights: dict[str, nn.Parameter], calib: Ca
     n = int(calib.input_ids.shape[0])
     if model.get_input_embeddings().weight.device.type != "cuda":
         return min(AUTO_BATCH_CPU, n)
-    size = 1 << (min(cap, n).bit_length() - 1)
-    while True:
+
+    def runs(size: int) -> None:
         probe = dataclasses.replace(calib, **{f: getattr(calib, f)[:size] for f in
                                               ("input_ids", "attention_mask", "loss_mask", "weight")})
+        objective_gradient(model, weights, probe, size)
+
+    return largest_fitting(min(cap, n), runs)
+
+
+def largest_fitting(limit: int, runs) -> int:
+    """The largest power of two <= `limit` for which `runs(size)` does not run out of GPU memory."""
+    size = 1 << (limit.bit_length() - 1)
+    while True:
         try:
-            objective_gradient(model, weights, probe, size)
+            runs(size)
             return size
         except torch.OutOfMemoryError:
             if size == 1:

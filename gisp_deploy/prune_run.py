@@ -180,10 +180,16 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
               resume: bool = False, overwrite: bool = False, copy_weights: bool = True,
               on_pass=None, log=print) -> dict:
     """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary.
-    `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory)."""
+    `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory);
+    under torchrun (compute.ranks) every process scores its share of the sequences and rank 0 writes."""
     t0 = time.perf_counter()
     out = Path(out)
-    sweep_stale(out)  # a writer killed while replacing `out` put back first, so the check below sees it
+    ranks = compute.ranks
+    if ranks.world > 1 and device_map is not None:
+        raise ValueError("--device-map places one model over several GPUs in one process; under torchrun each "
+                         "process holds a whole model: use one or the other")
+    if ranks.is_main:
+        sweep_stale(out)  # a writer killed while replacing `out` put back first, so the check below sees it
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     ensure_writable_parent(out)  # before any work: the progress directory and the artifact go next to it
@@ -198,8 +204,9 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     shape = ModelShape.from_config(config)
     if device_map is not None and device not in (None, "auto"):
         raise ValueError(f"pass --device {device} or --device-map {device_map}, not both")
-    dev = pick_device(device)
+    dev = ranks.device(pick_device(device))
     dt = pick_dtype(dtype, dev)
+    ranks.start(dev)
     placement = plan_placement(model_dir, dt, device_map) if device_map is not None else None
     tokenizer = load_tokenizer(model_dir)
     calib = None
@@ -210,8 +217,9 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     run_key = {"config": dataclasses.asdict(cfg), "model": str(model_dir.resolve()), "dtype": str(dt),
                "calibration": calib.fingerprint["sha256"] if calib else None}
     state = None
-    if work.exists() and not (work / "run.json").exists():  # killed before its first step was saved: nothing in it
+    if ranks.is_main and work.exists() and not (work / "run.json").exists():  # killed before its first step
         shutil.rmtree(work)
+    ranks.barrier()
     if work.exists():
         if not resume:
             raise ArtifactError(f"an unfinished run left its progress in {work}; pass --resume to continue it, "
@@ -238,6 +246,8 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         return step
 
     def checkpoint(s: PruneState):
+        if not ranks.is_main:
+            return
         try:
             if not work.exists():  # created at the first completed step, so failed starts leave nothing behind
                 work.mkdir(parents=True)
@@ -263,11 +273,16 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     run_cfg = cfg
     if cfg.batch_size is None and cfg.method in ("gisp", "oneshot"):
         run_cfg = dataclasses.replace(cfg, batch_size=fit_batch_size(dense, scored_weights(dense, shape, cfg.unit),
-                                                                     calib))
+                                                                     ranks.shard(calib)))
         log(f"micro-batch: {run_cfg.batch_size} sequences of {calib.input_ids.shape[1]} tokens")
     ranking: Ranking = prune(dense, shape, calib, run_cfg, state=state, on_step=checkpoint, on_pass=counting_pass,
                              compute=compute)
     elapsed = time.perf_counter() - t0
+    scored = torch.tensor([float(tokens["n"])], dtype=torch.float64, device=dev)
+    ranks.sum([scored])  # every process's tokens
+    tokens["n"] = int(scored.item())
+    if not ranks.is_main:  # every rank holds the same ranking; rank 0 writes it
+        return {"artifact": None, "rank": ranks.rank, "wall_s": elapsed, "tokens_scored": tokens["n"]}
     import transformers
 
     manifest = {
@@ -282,6 +297,7 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         "run": {"device": str(dev) if placement is None else f"{device_map}: {describe_placement(placement)}",
                 "dtype": str(dt).replace("torch.", ""), "batch_size": run_cfg.batch_size,
                 "compute": compute.compute if cfg.method in ("gisp", "oneshot") else None,
+                "processes": ranks.world,
                 "wall_s": round(elapsed, 2), "tokens_scored": tokens["n"]},
         "versions": {"gisp_deploy": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gisp_deploy.data import DataError, load_calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.objectives import LeadingCache, objective_gradient, scored_weights
+from gisp_deploy.objectives import LeadingCache, fit_batch_size, largest_fitting, objective_gradient, scored_weights
 from tests.factory import make_model_dir
 
 
@@ -142,3 +142,21 @@ def test_bad_jsonl_records(setup, tmp_path):
     broken.write_text('{"prompt": "x",\n')
     with pytest.raises(DataError, match="d.jsonl:1: invalid JSON"):
         load_calibration("answer", tok, [broken], 4, 32, 0)
+
+
+def test_micro_batch_fitting(setup):
+    model, shape, tok = setup
+    from tests.factory import CALIB_TEXT
+
+    calib = load_calibration("lm", tok, [CALIB_TEXT], samples=40, seq_len=8, seed=0)
+    assert fit_batch_size(model, scored_weights(model, shape, "q_head"), calib) == 16  # CPU: no probing
+    tried = []
+
+    def runs(size):  # a GPU on which 12 sequences fit
+        tried.append(size)
+        if size > 12:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert largest_fitting(40, runs) == 8 and tried == [32, 16, 8]
+    with pytest.raises(torch.OutOfMemoryError):
+        largest_fitting(64, lambda size: runs(99))
