@@ -157,10 +157,10 @@ class ShrinkingModel:
                 nq, nkv = len(lay.q_src), len(lay.kv_src)
                 if self.unit == "kv_group":  # whole groups, no dummies: sum each group's rows at once
                     h = rows_per_unit(per_weight(f"{layer}.q_proj"), nkv) + cols_per_unit(per_weight(f"{layer}.o_proj"), nkv)
-                    src = list(lay.kv_src)
+                    src = lay.kv_src
                 else:
                     h = rows_per_unit(per_weight(f"{layer}.q_proj"), nq) + cols_per_unit(per_weight(f"{layer}.o_proj"), nq)
-                    src = list(lay.q_src)
+                    src = lay.q_src
                 if with_kv:
                     kv = rows_per_unit(per_weight(f"{layer}.k_proj"), nkv) + rows_per_unit(per_weight(f"{layer}.v_proj"), nkv)
                     h = h + kv.repeat_interleave(len(src) // nkv)
@@ -169,10 +169,12 @@ class ShrinkingModel:
                 n = len(lay.channels)
                 c = (rows_per_unit(per_weight(f"{layer}.gate_proj"), n) + rows_per_unit(per_weight(f"{layer}.up_proj"), n)
                      + cols_per_unit(per_weight(f"{layer}.down_proj"), n))
-                _scatter(channels[layer], list(lay.channels), c)
+                _scatter(channels[layer], lay.channels, c)
         return heads, channels
 
 
-def _scatter(dest: torch.Tensor, src: list[int], values: torch.Tensor) -> None:
-    keep = [i for i, j in enumerate(src) if j >= 0]
-    dest[[src[i] for i in keep]] = values.cpu()[keep]
+def _scatter(dest: torch.Tensor, src: tuple[int, ...], values: torch.Tensor) -> None:
+    """dest[src[i]] = values[i] where src[i] >= 0 (dummies dropped), vectorised."""
+    index = torch.as_tensor(src, dtype=torch.long)
+    valid = index >= 0
+    dest[index[valid]] = values.cpu()[valid]
