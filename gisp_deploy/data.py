@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,6 +139,11 @@ class Calibration:
         for i in range(0, self.input_ids.shape[0], batch_size):
             sl = slice(i, i + batch_size)
             yield self.input_ids[sl], self.attention_mask[sl], self.loss_mask[sl], self.weight[sl]
+
+    def select(self, rows: slice) -> "Calibration":
+        """The sequences at `rows`, each keeping its weight (so sums over parts add up to the whole)."""
+        return replace(self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
+                                   loss_mask=self.loss_mask[rows], weight=self.weight[rows])
 
 
 def lm_calibration(tokenizer, paths, samples: int, seq_len: int, seed: int) -> Calibration:

@@ -9,7 +9,6 @@ the same scores and remove the same structures; rank 0 alone writes progress and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -65,8 +64,7 @@ class Ranks:
         """Every world-th sequence starting at this rank; the weights keep their global values (1/N...)."""
         if self.world == 1:
             return calib
-        return dataclasses.replace(calib, **{f: getattr(calib, f)[self.rank::self.world] for f in
-                                             ("input_ids", "attention_mask", "loss_mask", "weight")})
+        return calib.select(slice(self.rank, None, self.world))
 
     def sum(self, tensors) -> None:
         """Add each tensor over all ranks, in place."""

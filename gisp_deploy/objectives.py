@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 import torch.nn as nn
@@ -151,9 +150,7 @@ def fit_batch_size(model: nn.Module, weights: dict[str, nn.Parameter], calib: Ca
         return min(AUTO_BATCH_CPU, n)
 
     def runs(size: int) -> None:
-        probe = dataclasses.replace(calib, **{f: getattr(calib, f)[:size] for f in
-                                              ("input_ids", "attention_mask", "loss_mask", "weight")})
-        objective_gradient(model, weights, probe, size)
+        objective_gradient(model, weights, calib.select(slice(size)), size)
 
     return largest_fitting(min(cap, n), runs)
 
