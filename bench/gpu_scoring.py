@@ -15,6 +15,10 @@ Random-weight Llama in one run, all passes over the same `--samples` x `--seq-le
   leaves them).
 MFU counts 6 x (parameters of the dense model, with lm_head, without the embedding) x tokens for every pass, so
 a compact pass above 100% of the dense work means "as fast as if the GPU did the dense work at that rate".
+Agreement: at the middle sparsity, the compact pass's per-structure scores against the masked pass's (a copy of
+the dense model with the same structures zeroed, every layer run), both at one micro-batch: relative differences
+of the scores, and how many of the structures the next step would remove (the lowest-scoring 0.7/112 of the
+pool, normalised as the reference does) both passes pick.
 Projection: the reference schedule is 112 passes over 2000 x 256 tokens; pass k sees the removals of the k-1
 passes before it, i.e. sparsity 0.7 (k-1)/112 (linear), timed by interpolating the measured points; the first
 pass runs every layer (it records the leading layers' outputs), and the run ends with one pass for the
@@ -68,6 +72,54 @@ def removal_at(shape: ModelShape, sparsity: float, unprotected: list[int], seed:
         channels = gen.permutation(shape.intermediate)[: int(round(frac * shape.intermediate))]
         removed += [(layer, HEAD, int(h)) for h in heads] + [(layer, CHANNEL, int(c)) for c in channels]
     return removed
+
+
+@torch.no_grad()
+def zero_removed(model, shape: ModelShape, removed) -> None:
+    """The masked model of `removed` (query-head units): q rows and o columns of each head, k/v rows of a KV
+    head whose query heads are all gone, gate/up rows and down columns of each channel; one call per layer."""
+    hd, g = shape.head_dim, shape.group_size
+    by_layer: dict = {}
+    for layer, kind, index in removed:
+        by_layer.setdefault(layer, ([], []))[0 if kind == HEAD else 1].append(index)
+    for layer, (heads, channels) in by_layer.items():
+        block = model.model.layers[layer]
+        attn, mlp = block.self_attn, block.mlp
+        dev = attn.q_proj.weight.device
+        if heads:
+            rows = torch.tensor([h * hd + d for h in heads for d in range(hd)], device=dev)
+            attn.q_proj.weight.index_fill_(0, rows, 0)
+            attn.o_proj.weight.index_fill_(1, rows, 0)
+            left = np.full(shape.num_kv_heads, g)
+            for h in heads:
+                left[h // g] -= 1
+            kv_rows = torch.tensor([k * hd + d for k in np.flatnonzero(left == 0) for d in range(hd)],
+                                   device=dev, dtype=torch.long)
+            attn.k_proj.weight.index_fill_(0, kv_rows, 0)
+            attn.v_proj.weight.index_fill_(0, kv_rows, 0)
+        if channels:
+            ch = torch.tensor(channels, device=dev)
+            mlp.gate_proj.weight.index_fill_(0, ch, 0)
+            mlp.up_proj.weight.index_fill_(0, ch, 0)
+            mlp.down_proj.weight.index_fill_(1, ch, 0)
+
+
+def agreement(compact: tuple, masked: tuple, removed, shape: ModelShape, unprotected: list[int]) -> dict:
+    """How far the compact pass's scores are from the masked pass's, over the structures still in the pool."""
+    in_pool = [np.zeros((shape.num_layers, shape.num_heads), bool), np.zeros((shape.num_layers, shape.intermediate), bool)]
+    for m in in_pool:
+        m[unprotected] = True
+    for layer, kind, index in removed:
+        in_pool[0 if kind == HEAD else 1][layer, index] = False
+    a, b = (np.concatenate([h.numpy()[in_pool[0]], c.numpy()[in_pool[1]]])
+            for h, c in (normalize(*scores, shape, "q_head", "reference") for scores in (compact, masked)))
+    rel = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-30)
+    k = max(1, round(len(a) * REFERENCE["final_sparsity"] / REFERENCE["steps"]))
+    pick_a, pick_b = set(np.argsort(a, kind="stable")[:k]), set(np.argsort(b, kind="stable")[:k])
+    return {"structures_in_pool": len(a), "rel_diff_median": float(np.median(rel)),
+            "rel_diff_p99": float(np.quantile(rel, 0.99)), "rel_diff_max": float(rel.max()),
+            "next_step_removals": k, "next_step_same_picks": len(pick_a & pick_b),
+            "order_identical": bool((np.argsort(a, kind="stable") == np.argsort(b, kind="stable")).all())}
 
 
 def sync(device):
@@ -162,7 +214,10 @@ def main():
     leading = LeadingCache(min(l for l in range(shape.num_layers + 1) if l not in set(unprotected)))
     objective_gradient(dense, shrinking.weights(unprotected, with_kv), calib, fitted, leading=leading)  # records
     points = []
-    for s in [0.0] + [float(x) for x in args.sparsities.split(",")]:
+    sparsities = [0.0] + [float(x) for x in args.sparsities.split(",")]
+    check_at = sparsities[len(sparsities) // 2]
+    check_batch = min(fitted, 8)  # beside two model copies and their fp32 sums
+    for s in sparsities:
         model = copy.deepcopy(dense) if s else dense
         sm = ShrinkingModel(model, shape, "q_head", 64)
         removed = removal_at(shape, s, unprotected)
@@ -177,7 +232,21 @@ def main():
         record("gisp-deploy scoring pass (compact, leading layers cached)", fitted, seconds, sparsity=s,
                params_kept_fraction=round(kept / n_params, 4), cut_seconds=round(t_cut, 3))
         points.append((s, seconds))
+        if s == check_at:
+            grads = objective_gradient(model, w, calib, check_batch, leading=leading)
+            compact_scores = sm.scores(grads, unprotected, with_kv)
+            check_removed = removed
+            del grads
         del model, sm, w
+    masked = copy.deepcopy(dense)
+    zero_removed(masked, shape, check_removed)
+    grads = objective_gradient(masked, ShrinkingModel(masked, shape, "q_head", 64).weights(range(shape.num_layers), with_kv),
+                               calib, check_batch)
+    masked_scores = ShrinkingModel(masked, shape, "q_head", 64).scores(grads, unprotected, with_kv)
+    del grads, masked
+    agree = {"sparsity": check_at, "batch": check_batch,
+             **agreement(compact_scores, masked_scores, check_removed, shape, unprotected)}
+    print(json.dumps({"agreement_compact_vs_masked": agree}), flush=True)
     xs, ys = zip(*points)
     ref = REFERENCE
     per_pass_tokens = ref["samples"] * ref["seq_len"]
@@ -201,7 +270,7 @@ def main():
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
         "dtype": args.dtype, "params_counted": n_params, "tokens_per_pass": tokens, "results": results,
-        "projection": projection}, indent=2))
+        "projection": projection, "agreement_compact_vs_masked": agree}, indent=2))
 
 
 if __name__ == "__main__":
