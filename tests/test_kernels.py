@@ -179,6 +179,21 @@ def test_bad_inputs():
         G.gather_cols([w], [torch.tensor([0.0])])
 
 
+def test_host_index_table_checks_and_shares():
+    cpu = torch.device("cpu")
+    a, b, e = torch.tensor([5, 6]), torch.tensor([0, 1, 3]), torch.empty(0, dtype=torch.long)
+    idx, offsets, is_sorted = G._indices_int32([a, e, b, a, b], [8, 8, 8, 8, 8], cpu, "row")
+    assert idx.dtype == torch.int32 and idx.tolist() == [5, 6, 0, 1, 3]  # a tensor given twice is stored once
+    assert offsets == [0, 2, 2, 0, 2] and is_sorted  # a step down between tensors does not count
+    assert not G._indices_int32([a, torch.tensor([2, 1])], [8, 8], cpu, "row")[2]
+    assert not G._indices_int32([torch.tensor([1, 1])], [8], cpu, "row")[2]  # repeats are not increasing
+    with pytest.raises(IndexError, match="col index 9 out of range for size 9"):  # unsorted: every value checked
+        G._indices_int32([a, torch.tensor([4, 9, 2])], [8, 9], cpu, "col")
+    with pytest.raises(IndexError, match="row index 5 out of range for size 4"):  # shared: the smaller size counts
+        G._indices_int32([b, a, a], [8, 8, 4], cpu, "row")
+    assert G._indices_int32([e, e], [3, 3], cpu, "row")[0].numel() == 1  # nothing kept: a dummy entry
+
+
 def test_torch_fallback_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(G, "_launch", lambda *a, **k: pytest.fail("triton launched on CPU"))

@@ -239,38 +239,59 @@ def _log2_ceil(n: int) -> int:
 
 
 def _indices_int32(ks: list, sizes: list, device: torch.device, what: str) -> tuple:
-    """(concatenated kept indices as one int32 tensor on `device` ([sum K_l], at least 1 long),
-    whether every layer's indices strictly increase).
+    """(the distinct index tensors of `ks` concatenated as one int32 tensor on `device` ([sum K], at least 1
+    long), each layer's offset in it, whether every layer's indices strictly increase).
 
-    Indices that live on the host are checked here (one vectorized pass, no device sync): out of
+    A tensor passed for several layers (q, k and v rows of one layer, gate and up) is copied once.
+    Indices that live on the host are checked here (a few vectorized passes, no device sync): out of
     range raises IndexError; unsorted or repeated ones are fine (the kernels then take an exact
     but slower run test). Indices already on the device are trusted to be in range and sorted,
     as the API promises: checking them would need a device sync per call.
     """
-    if all(k.device.type == "cpu" for k in ks):
-        idx = torch.cat(ks).to(torch.int64)  # [sum K]
-        is_sorted = True
-        if idx.numel():
-            flat = idx.numpy()
-            counts = [k.numel() for k in ks]
-            limit = np.repeat(np.asarray(sizes, dtype=np.int64), counts)  # [sum K]
-            bad = (flat < 0) | (flat >= limit)
-            if bad.any():
-                j = int(bad.argmax())
-                raise IndexError(f"{what} index {int(flat[j])} out of range for size {int(limit[j])}")
-            step_ok = np.diff(flat) > 0  # [sum K - 1]
-            starts = np.cumsum(counts)[:-1]  # first index of every later layer
-            starts = starts[(starts > 0) & (starts < flat.size)]
-            step_ok[starts - 1] = True  # steps across layer boundaries do not count
-            is_sorted = bool(step_ok.all())
-        idx = idx.to(torch.int32) if idx.numel() else torch.zeros(1, dtype=torch.int32)
-        if device.type == "cuda":
-            return idx.pin_memory().to(device, non_blocking=True), is_sorted
-        return idx.to(device), is_sorted
-    if not all(k.device == device for k in ks):
-        ks = [k.to(device=device, non_blocking=True) for k in ks]
-    idx = torch.cat(ks).to(torch.int32)
-    return (idx if idx.numel() else torch.zeros(1, dtype=torch.int32, device=device)), True
+    slot: dict = {}  # id(tensor) -> its position in `uniq`
+    uniq, limits, starts, offsets = [], [], [0], []
+    for k, size in zip(ks, sizes):
+        j = slot.get(id(k))
+        if j is None:
+            j = slot[id(k)] = len(uniq)
+            uniq.append(k)
+            limits.append(size)
+            starts.append(starts[-1] + k.numel())
+        elif size < limits[j]:
+            limits[j] = size
+        offsets.append(starts[j])
+    if not all(k.device.type == "cpu" for k in uniq):
+        if not all(k.device == device for k in uniq):
+            uniq = [k.to(device=device, non_blocking=True) for k in uniq]
+        idx = torch.cat(uniq).to(torch.int32) if starts[-1] else None
+        return (idx if idx is not None else torch.zeros(1, dtype=torch.int32, device=device)), offsets, True
+    is_sorted = True
+    if starts[-1] == 0:
+        idx = torch.zeros(1, dtype=torch.int32)
+    else:
+        flat = torch.cat(uniq).to(torch.int64).numpy()  # [sum K]
+        ends = np.asarray(starts[1:], dtype=np.int64)
+        begins = ends - np.diff(np.asarray(starts, dtype=np.int64))
+        full = ends > begins  # non-empty tensors
+        step_up = flat[1:] > flat[:-1]  # [sum K - 1]
+        inner = ends[(ends > 0) & (ends < flat.size)]
+        step_up[inner - 1] = True  # steps across tensor boundaries do not count
+        is_sorted = bool(step_up.all())
+        if is_sorted:  # the ends of each tensor bound it
+            lo, hi = flat[begins[full]], flat[ends[full] - 1]
+        else:
+            lo, hi = np.minimum.reduceat(flat, begins[full]), np.maximum.reduceat(flat, begins[full])
+        limit = np.asarray(limits, dtype=np.int64)[full]
+        bad = (lo < 0) | (hi >= limit)
+        if bad.any():
+            j = int(bad.argmax())
+            seg = flat[begins[full][j]:ends[full][j]]
+            v = int(seg[(seg < 0) | (seg >= limit[j])][0])
+            raise IndexError(f"{what} index {v} out of range for size {int(limit[j])}")
+        idx = torch.from_numpy(flat.astype(np.int32))
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True), offsets, is_sorted
+    return idx.to(device), offsets, is_sorted
 
 
 def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, block_r: int,
@@ -292,7 +313,7 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
         buf, offs, numels = outs
         base = buf.data_ptr()
     # One pass over the layers (host time per layer is what a single call waits for).
-    sizes, counts, lds, tiles, src_ptrs, dst_ptrs, idx_starts = [], [], [], [], [], [], [0]
+    sizes, counts, lds, tiles, src_ptrs, dst_ptrs = [], [], [], [], [], []
     src_aligned = dst_aligned = True
     counts_aligned = True
     for li in range(n_layers):
@@ -302,7 +323,6 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
         sizes.append(rr if rows else cc)
         counts.append(n)
         lds.append(cc)
-        idx_starts.append(idx_starts[-1] + n)
         tiles.append(_cdiv(n, block_r) * blocks_other if rows else blocks_other * _cdiv(n, block_c))
         p = w.data_ptr()
         src_ptrs.append(p)
@@ -319,7 +339,7 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
             counts_aligned = False
     per_layer = interpreting() and device.type != "cpu"
     if not per_layer:  # also validates host-side indices
-        idx, is_sorted = _indices_int32(ks, sizes, device, kind[:-1])
+        idx, idx_offsets, is_sorted = _indices_int32(ks, sizes, device, kind[:-1])
     if sum(tiles) == 0:
         return
     if flat:
@@ -333,7 +353,7 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
         aligned = dst_aligned and counts_aligned
     kern = _kernel(kind)
 
-    def run(layers: list, src: Tensor, dst: Tensor, idx: Tensor, idx_base: int, table: bool,
+    def run(layers: list, src: Tensor, dst: Tensor, idx: Tensor, idx_offsets: list, table: bool,
             is_sorted: bool):
         n = len(layers)
         log2_p = _log2_ceil(n)
@@ -345,7 +365,7 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
         meta = torch.tensor(
             [src_ptrs[li] if table else 0 for li in layers]
             + [dst_ptrs[li] if table else 0 for li in layers]
-            + [idx_starts[li] - idx_base for li in layers]
+            + idx_offsets
             + [counts[li] for li in layers]
             + [lds[li] for li in layers]
             + tile_start,
@@ -368,13 +388,12 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
         if per_layer:  # interpreter + device tensors: it copies arguments, raw addresses are void
             for li in range(n_layers):
                 if tiles[li]:
-                    idx, srt = _indices_int32([ks[li]], [sizes[li]], device, kind[:-1])
-                    run([li], ws[li].detach().view(idt), out_view(li), idx, idx_starts[li], False,
-                        srt)
+                    idx, offsets, srt = _indices_int32([ks[li]], [sizes[li]], device, kind[:-1])
+                    run([li], ws[li].detach().view(idt), out_view(li), idx, offsets, False, srt)
         else:
             first = next(i for i in range(n_layers) if tiles[i])  # dtype carriers (same-size ints)
-            run(list(range(n_layers)), ws[first].detach().view(idt), out_view(first), idx, 0, True,
-                is_sorted)
+            run(list(range(n_layers)), ws[first].detach().view(idt), out_view(first), idx, idx_offsets,
+                True, is_sorted)
 
 
 def _gather(kind: str, weights: Sequence[Tensor], keep: Sequence[Tensor], *, flat: bool,
