@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -16,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .artifact import (ArtifactError, WriteError, ensure_writable_parent, resolve_model_dir, sweep_stale, weight_files,
-                       write_artifact, write_error, write_failure)
+from .artifact import (MANIFEST, ArtifactError, WriteError, ensure_writable_parent, resolve_model_dir, sweep_stale,
+                       weight_files, write_artifact, write_error, write_failure)
 from .data import load_calibration
 from .families import ModelShape
 from .methods import ComputeOptions, PruneConfig, PruneState, prune
@@ -154,6 +155,21 @@ def partial_dir(out: Path) -> Path:
     return out.resolve().parent / f".{out.name}.partial"
 
 
+FINISHED = "finished"  # in the progress folder: the id of the artifact its finished ranking is written as
+
+
+def drop_finished_progress(out: Path) -> None:
+    """Remove the progress folder of a run that was stopped after its artifact was complete (between the
+    artifact's rename and this folder's removal): `out` then carries the id the folder names."""
+    marker = partial_dir(out) / FINISHED
+    try:
+        finished = json.loads((Path(out) / MANIFEST).read_text()).get("run", {}).get("id")
+        if finished and marker.read_text().strip() == finished:
+            shutil.rmtree(marker.parent, ignore_errors=True)
+    except (OSError, ValueError, AttributeError):  # no such artifact or marker: nothing to drop
+        return
+
+
 def save_state(path: Path, state: PruneState) -> None:
     rows = torch.tensor([r[:4] for r in state.removed], dtype=torch.int64).reshape(-1, 4)
     tensors = {"removed": rows, "removed_score": torch.tensor([r[4] for r in state.removed], dtype=torch.float64),
@@ -190,6 +206,7 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
                          "process holds a whole model: use one or the other")
     if ranks.is_main:
         sweep_stale(out)  # a writer killed while replacing `out` put back first, so the check below sees it
+        drop_finished_progress(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     ensure_writable_parent(out)  # before any work: the progress directory and the artifact go next to it
@@ -297,11 +314,16 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         "run": {"device": str(dev) if placement is None else f"{device_map}: {describe_placement(placement)}",
                 "dtype": str(dt).replace("torch.", ""), "batch_size": run_cfg.batch_size,
                 "compute": compute.compute if cfg.method in ("gisp", "oneshot") else None,
-                "processes": ranks.world,
+                "processes": ranks.world, "id": uuid.uuid4().hex,
                 "wall_s": round(elapsed, 2), "tokens_scored": tokens["n"]},
         "versions": {"gisp_deploy": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
+    if work.exists():  # a stop after the artifact's rename leaves this folder to the next run to drop
+        try:
+            (work / FINISHED).write_text(manifest["run"]["id"])
+        except OSError:  # only a clean-up hint: the write below reports a full disk
+            pass
     try:
         write_artifact(out, model_dir, ranking, manifest, copy_weights=copy_weights, overwrite=overwrite)
     except WriteError as e:

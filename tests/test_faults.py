@@ -125,6 +125,35 @@ def test_disk_full_while_replacing_an_artifact_keeps_the_old_one(model, artifact
 
 
 @pytest.mark.slow
+def test_progress_folder_is_dropped_only_once_its_artifact_is_complete(model, tmp_path):
+    """The progress folder goes after the artifact's final rename; a stop between the two leaves it beside a
+    complete artifact, and the next run drops it. Progress whose artifact was never completed (here: a disk full
+    while replacing an older artifact) stays for --resume."""
+    out = tmp_path / "art"
+    first = cli("prune", model, "--calib", CALIB_TEXT, "--out", out, *FAST)
+    assert first.returncode == 0, first.stderr[-3000:]
+    old = digest(out)
+    failed = cli("prune", model, "--calib", CALIB_TEXT, "--out", out, "--overwrite", *FAST, "--seed", "1",
+                 fsize=WEIGHTS_LIMIT)
+    assert "the finished ranking is kept in" in error_line(failed)
+    progress = partial_dir(out)
+    shutil.copytree(progress, tmp_path / "progress-copy")
+    again = cli("prune", model, "--calib", CALIB_TEXT, "--out", out, "--overwrite", *FAST, "--seed", "1")
+    assert "pass --resume to continue it" in error_line(again)  # not taken for the older artifact's progress
+    assert digest(out) == old and siblings(out) == [".art.partial", "art"]
+    resumed = cli("prune", model, "--calib", CALIB_TEXT, "--out", out, "--overwrite", *FAST, "--seed", "1", "--resume")
+    assert resumed.returncode == 0 and "step 1/2 scoring" not in resumed.stderr, resumed.stderr[-3000:]
+    assert siblings(out) == ["art"]
+    # A stop right after the rename: the run had named its artifact in the folder, which is still there.
+    shutil.copytree(tmp_path / "progress-copy", progress)
+    (progress / "finished").write_text(json.loads((out / MANIFEST).read_text())["run"]["id"])
+    new = digest(out)
+    res = cli("prune", model, "--calib", CALIB_TEXT, "--out", out, *FAST, "--seed", "1")
+    assert "already exists" in error_line(res)
+    assert siblings(out) == ["art"] and digest(out) == new
+
+
+@pytest.mark.slow
 def test_disk_full_while_exporting(artifact, tmp_path):
     out = tmp_path / "slice"
     source = digest(artifact)
