@@ -42,7 +42,7 @@ step() {
   (( rc == 124 )) && echo "=== TIMED OUT after ${limit} s" >> "$LOG"
   echo "=== $name: rc=$rc in $(( $(date +%s) - t )) s" | tee -a "$LOG"
 }
-step "gather bandwidth" 90 python bench/gpu_gather.py --out "$OUT"
+step "gather bandwidth" 120 python bench/gpu_gather.py --out "$OUT" --profile
 step "scoring throughput" 200 python bench/gpu_scoring.py --out "$OUT"
 step "load to GPU (7B shape)" 200 python bench/gpu_load.py --out "$OUT"
 step "gpu tests" 90 python -m pytest -q -m gpu -p no:cacheprovider tests
