@@ -67,6 +67,20 @@ def use_triton(t: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _layer_tile_body(pid, meta_ptr, L, LOG2_P: tl.constexpr):
+    """(layer, tile inside that layer) of program `pid`: the largest l with tile_start[l] <= pid, by a
+    branch-free binary search over the padded prefix sum."""
+    layer = pid * 0
+    for k in tl.static_range(LOG2_P):
+        cand = layer + ((1 << LOG2_P) >> (k + 1))
+        start = tl.load(meta_ptr + 5 * L + cand)
+        layer = tl.where(start <= pid, cand, layer)
+    return layer, pid - tl.load(meta_ptr + 5 * L + layer)
+
+
+_layer_tile = None  # _layer_tile_body jitted in the current mode; set by _kernel before each launch
+
+
 def _gather_rows_body(
     src_ptr,  # typed pointer: the layer's source [R, C] (per-layer mode) or a dtype carrier
     dst_ptr,  # typed pointer: the layer's output [K, C] (per-layer mode) or a dtype carrier
@@ -81,14 +95,7 @@ def _gather_rows_body(
     USE_TABLE: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # Largest l with tile_start[l] <= pid: branch-free binary search over the padded prefix sum.
-    layer = pid * 0
-    for k in tl.static_range(LOG2_P):
-        cand = layer + ((1 << LOG2_P) >> (k + 1))
-        start = tl.load(meta_ptr + 5 * L + cand)
-        layer = tl.where(start <= pid, cand, layer)
-    t = pid - tl.load(meta_ptr + 5 * L + layer)  # tile inside the layer
+    layer, t = _layer_tile(tl.program_id(0), meta_ptr, L, LOG2_P)
     rt = t // COL_TILES
     ct = t % COL_TILES
     n_keep = tl.load(meta_ptr + 3 * L + layer)
@@ -130,14 +137,7 @@ def _gather_cols_body(
     VEC: tl.constexpr,  # elements per 16 bytes
     SORTED: tl.constexpr,  # every layer's indices strictly increase (checked or trusted on host)
 ):
-    pid = tl.program_id(0)
-    # Largest l with tile_start[l] <= pid: branch-free binary search over the padded prefix sum.
-    layer = pid * 0
-    for k in tl.static_range(LOG2_P):
-        cand = layer + ((1 << LOG2_P) >> (k + 1))
-        start = tl.load(meta_ptr + 5 * L + cand)
-        layer = tl.where(start <= pid, cand, layer)
-    t = pid - tl.load(meta_ptr + 5 * L + layer)
+    layer, t = _layer_tile(tl.program_id(0), meta_ptr, L, LOG2_P)
     n_keep = tl.load(meta_ptr + 3 * L + layer)  # K_l: output row stride
     idx_off = tl.load(meta_ptr + 2 * L + layer)
     ld = tl.load(meta_ptr + 4 * L + layer)  # C_l: source row stride
@@ -204,13 +204,15 @@ _KERNELS: dict = {}
 
 
 def _kernel(name: str):
-    """The jitted (or interpreted) kernel for the current TRITON_INTERPRET mode."""
-    key = (name, interpreting())
-    k = _KERNELS.get(key)
-    if k is None:
-        fn = {"rows": _gather_rows_body, "cols": _gather_cols_body}[name]
-        k = _KERNELS[key] = triton.jit(fn)
-    return k
+    """The jitted (or interpreted) kernel for the current TRITON_INTERPRET mode, its helper set to the same."""
+    global _layer_tile
+    mode = interpreting()
+    bodies = {"layer_tile": _layer_tile_body, "rows": _gather_rows_body, "cols": _gather_cols_body}
+    for key in ("layer_tile", name):
+        if (key, mode) not in _KERNELS:
+            _KERNELS[(key, mode)] = triton.jit(bodies[key])
+    _layer_tile = _KERNELS[("layer_tile", mode)]
+    return _KERNELS[(name, mode)]
 
 
 # --------------------------------------------------------------------------------------------
