@@ -99,8 +99,10 @@ def prune(
                              "query heads)."),
     steps: int = typer.Option(20, help="Iterative steps; gradients are recomputed on the masked model every step."),
     max_sparsity: float = typer.Option(0.6, help="Parameter sparsity the ranking must cover."),
-    schedule: str = typer.Option("params", help="params: linear in removed parameters; structures: the reference's "
-                                 "linear in structure count."),
+    schedule: str = typer.Option("params", help="params: linear in removed parameters, exactly --steps steps; "
+                                 "structures: the reference's, max-sparsity x structures / steps removed per step "
+                                 "until the parameter target, which can take more or fewer steps than --steps "
+                                 "(heads and channels differ in size)."),
     normalization: Optional[str] = typer.Option(None, help="reference (authors' block-wise constants) | params "
                                                 "(per scored weight) | none. Default: the method's own."),
     protect_first: float = typer.Option(0.1, help="Never prune the first int(F x layers) layers."),

@@ -262,8 +262,9 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         known_last = cfg.schedule == "params" and step >= steps
         if compact:
             shrinking.cut(remover.done)
+        label = f"step {step}/{steps}" if step <= steps else f"step {step} (past --steps {steps})"
         heads, channels = scores(range(shape.num_layers) if known_last or not compact else unprotected,
-                                 f"step {step}/{steps} scoring")
+                                 f"{label} scoring")
         values = pool.values(heads, channels)
         if cfg.schedule == "params":
             step_target = target if step >= steps else target * step / steps
@@ -271,7 +272,7 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         else:
             remover.run(pool, values, target, step, max_count=per_step)
         if compact and not known_last and protected and remover.removed_params >= target:
-            tail_heads, tail_channels = scores(protected, f"step {step}/{steps} protected layers")
+            tail_heads, tail_channels = scores(protected, f"{label} protected layers")
             heads, channels = heads + tail_heads, channels + tail_channels  # disjoint layers, zero elsewhere
         state.step, state.last_heads, state.last_channels = step, heads, channels
         if on_step is not None:

@@ -76,11 +76,17 @@ def test_oneshot_equals_gisp_with_one_step(tmp_path):
 def test_structures_schedule_removes_equal_counts(tmp_path):
     model, shape, tok = _setup(make_model_dir(tmp_path, "llama-mha"))
     calib = load_calibration("lm", tok, [CALIB_TEXT], samples=4, seq_len=16, seed=0)
+    passes = []
     ranking = prune(model, shape, calib, PruneConfig(steps=4, schedule="structures", max_sparsity=0.4,
-                                                     protect_first=0, protect_last=0))
+                                                     protect_first=0, protect_last=0),
+                    on_pass=lambda description, total: passes.append(description))
     counts = np.bincount(ranking.step[: ranking.num_covered])[1:]
     assert ranking.coverage >= 0.4
     assert len(set(counts[:-1].tolist())) == 1 and counts[-1] <= counts[0]
+    # it stops at the parameter target, not at --steps (here after 6: channels are small); the progress says so
+    assert len(counts) > 4
+    assert passes == [f"step {k}/4 scoring" if k <= 4 else f"step {k} (past --steps 4) scoring"
+                      for k in range(1, len(counts) + 1)]
 
 
 def _cli(*args, **kw):
