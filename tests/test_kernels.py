@@ -242,10 +242,10 @@ def _gpu_checks():
     print("gpu checks passed")
 
 
-def _compile_for_hopper() -> dict:
+def _compile_for(capability: int) -> dict:
     """Compile every specialization a GPU launch can use (pointer tables: per-layer launches happen only under
-    the interpreter) for sm_90 (no GPU needed: Triton ships ptxas), with the 16-byte divisibility a launch gives
-    aligned pointers and sizes; count 128-bit loads and stores."""
+    the interpreter) for sm_`capability` (no GPU needed: Triton ships ptxas), with the 16-byte divisibility a
+    launch gives aligned pointers and sizes; count 128-bit loads and stores."""
     import itertools
     import json
 
@@ -258,7 +258,7 @@ def _compile_for_hopper() -> dict:
         src = ASTSource(fn=G._kernel(name), signature={**args, **{n: "constexpr" for n in consts}},
                         constexprs={(names.index(n),): v for n, v in consts.items()},
                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", capability, 32)).asm["ptx"]
         return {"v4_loads": ptx.count("ld.global.v4"), "v4_stores": ptx.count("st.global.v4")}
 
     ptrs = {"src_ptr": "*i16", "dst_ptr": "*i16", "idx_ptr": "*i32", "meta_ptr": "*i64"}
@@ -277,16 +277,17 @@ def _compile_for_hopper() -> dict:
     return out
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    # The interpreter accepts code the compiler rejects; this compiles the kernels for real (sm_90, as an H200
-    # runs them) on the CPU, in a fresh process without TRITON_INTERPRET, and checks aligned tiles vectorize.
+@pytest.mark.parametrize("capability", [80, 90])  # A100; H100 / H200
+def test_kernels_compile_for_gpus(tmp_path, capability):
+    # The interpreter accepts code the compiler rejects; this compiles the kernels for real on the CPU, in a
+    # fresh process without TRITON_INTERPRET, and checks that aligned tiles vectorize.
     pytest.importorskip("triton")
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([root, here] + [p for p in [env.get("PYTHONPATH")] if p])
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile now, not from an earlier run's cache
-    res = subprocess.run([sys.executable, "-c", "import test_kernels as t; t._compile_for_hopper()"],
+    res = subprocess.run([sys.executable, "-c", f"import test_kernels as t; t._compile_for({capability})"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     import json
