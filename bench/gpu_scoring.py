@@ -16,9 +16,9 @@ Random-weight Llama in one run, all passes over the same `--samples` x `--seq-le
 MFU counts 6 x (parameters of the dense model, with lm_head, without the embedding) x tokens for every pass, so
 a compact pass above 100% of the dense work means "as fast as if the GPU did the dense work at that rate".
 Agreement: at the middle sparsity, the compact pass's per-structure scores against the masked pass's (a copy of
-the dense model with the same structures zeroed, every layer run), both at one micro-batch: relative differences
-of the scores, and how many of the structures the next step would remove (the lowest-scoring 0.7/112 of the
-pool, normalised as the reference does) both passes pick.
+the dense model with the same structures zeroed by methods.Remover, as --compute masked does; every layer run),
+both at one micro-batch: relative differences of the scores, and how many of the structures the next step would
+remove (the lowest-scoring 0.7/112 of the pool, normalised as the reference does) both passes pick.
 Projection: the reference schedule is 112 passes over 2000 x 256 tokens; pass k sees the removals of the k-1
 passes before it, i.e. sparsity 0.7 (k-1)/112 (linear), timed by interpolating the measured points; the first
 pass runs every layer (it records the leading layers' outputs), and the run ends with one pass for the
@@ -38,7 +38,7 @@ import torch
 
 from gisp_deploy.data import Calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.methods import PruneConfig
+from gisp_deploy.methods import PruneConfig, PruneState, Remover
 from gisp_deploy.objectives import LeadingCache, fit_batch_size, objective_gradient
 from gisp_deploy.ranking import CHANNEL, HEAD
 from gisp_deploy.scoring import normalize, scores_kv
@@ -72,36 +72,6 @@ def removal_at(shape: ModelShape, sparsity: float, unprotected: list[int], seed:
         channels = gen.permutation(shape.intermediate)[: int(round(frac * shape.intermediate))]
         removed += [(layer, HEAD, int(h)) for h in heads] + [(layer, CHANNEL, int(c)) for c in channels]
     return removed
-
-
-@torch.no_grad()
-def zero_removed(model, shape: ModelShape, removed) -> None:
-    """The masked model of `removed` (query-head units): q rows and o columns of each head, k/v rows of a KV
-    head whose query heads are all gone, gate/up rows and down columns of each channel; one call per layer."""
-    hd, g = shape.head_dim, shape.group_size
-    by_layer: dict = {}
-    for layer, kind, index in removed:
-        by_layer.setdefault(layer, ([], []))[0 if kind == HEAD else 1].append(index)
-    for layer, (heads, channels) in by_layer.items():
-        block = model.model.layers[layer]
-        attn, mlp = block.self_attn, block.mlp
-        dev = attn.q_proj.weight.device
-        if heads:
-            rows = torch.tensor([h * hd + d for h in heads for d in range(hd)], device=dev)
-            attn.q_proj.weight.index_fill_(0, rows, 0)
-            attn.o_proj.weight.index_fill_(1, rows, 0)
-            left = np.full(shape.num_kv_heads, g)
-            for h in heads:
-                left[h // g] -= 1
-            kv_rows = torch.tensor([k * hd + d for k in np.flatnonzero(left == 0) for d in range(hd)],
-                                   device=dev, dtype=torch.long)
-            attn.k_proj.weight.index_fill_(0, kv_rows, 0)
-            attn.v_proj.weight.index_fill_(0, kv_rows, 0)
-        if channels:
-            ch = torch.tensor(channels, device=dev)
-            mlp.gate_proj.weight.index_fill_(0, ch, 0)
-            mlp.up_proj.weight.index_fill_(0, ch, 0)
-            mlp.down_proj.weight.index_fill_(1, ch, 0)
 
 
 def agreement(compact: tuple, masked: tuple, removed, shape: ModelShape, unprotected: list[int]) -> dict:
@@ -239,7 +209,7 @@ def main():
             del grads
         del model, sm, w
     masked = copy.deepcopy(dense)
-    zero_removed(masked, shape, check_removed)
+    Remover(masked, shape, "q_head", PruneState(removed=[(*r, 0, 0.0) for r in check_removed]))  # zeroes them
     grads = objective_gradient(masked, ShrinkingModel(masked, shape, "q_head", 64).weights(range(shape.num_layers), with_kv),
                                calib, check_batch)
     masked_scores = ShrinkingModel(masked, shape, "q_head", 64).scores(grads, unprotected, with_kv)

@@ -277,9 +277,17 @@ def _gather_round(pending: list, finish) -> None:
             finish(key, _padded(src.index_select(0, torch.tensor(kept, dtype=torch.long, device=src.device)), pos, 0))
         else:
             jobs[dim].append((key, src, kept, pos))
+    index: dict = {}  # one tensor per distinct kept list (gate/up, and q/k/v without GQA): the gather copies it once
+
+    def as_tensor(kept: list) -> torch.Tensor:
+        key = tuple(kept)
+        if key not in index:
+            index[key] = torch.tensor(kept, dtype=torch.long)
+        return index[key]
+
     for dim, fn in ((0, gather.gather_rows), (1, gather.gather_cols)):
         if jobs[dim]:
-            got = fn([src for _, src, _, _ in jobs[dim]], [torch.tensor(k, dtype=torch.long) for _, _, k, _ in jobs[dim]])
+            got = fn([src for _, src, _, _ in jobs[dim]], [as_tensor(k) for _, _, k, _ in jobs[dim]])
             for (key, _, _, pos), t in zip(jobs[dim], got):
                 finish(key, _padded(t, pos, dim))
     pending.clear()

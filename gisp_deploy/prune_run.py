@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -144,9 +145,7 @@ def describe_placement(placement: dict) -> str:
     """E.g. "0: 17 modules, 1: 16 modules, cpu: 2 modules"."""
     if set(placement) == {""}:
         return f"all on {placement['']}"
-    counts: dict = {}
-    for dev in placement.values():
-        counts[dev] = counts.get(dev, 0) + 1
+    counts = collections.Counter(placement.values())
     return ", ".join(f"{d}: {n} module{'s' * (n != 1)}" for d, n in counts.items())
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .families import ModelShape
+from .families import ATTN_PROJS, MLP_PROJS, ModelShape
 from .modeling import EmptyAttention, EmptyMLP, LayerLayout, layer_layout
 from .ranking import CHANNEL, units_per_layer
 from .scoring import cols_per_unit, rows_per_unit
@@ -131,10 +131,10 @@ class ShrinkingModel:
         for layer in layers:
             block = self.model.model.layers[layer]
             if not isinstance(block.self_attn, EmptyAttention):
-                for name in ("q_proj", "k_proj", "v_proj", "o_proj") if with_kv else ("q_proj", "o_proj"):
+                for name in ATTN_PROJS if with_kv else ("q_proj", "o_proj"):
                     out[f"{layer}.{name}"] = getattr(block.self_attn, name).weight
             if not isinstance(block.mlp, EmptyMLP):
-                for name in ("gate_proj", "up_proj", "down_proj"):
+                for name in MLP_PROJS:
                     out[f"{layer}.{name}"] = getattr(block.mlp, name).weight
         return out
 
@@ -154,13 +154,9 @@ class ShrinkingModel:
         for layer in layers:
             lay = self.layouts[layer]
             if f"{layer}.q_proj" in ws:
-                nq, nkv = len(lay.q_src), len(lay.kv_src)
-                if self.unit == "kv_group":  # whole groups, no dummies: sum each group's rows at once
-                    h = rows_per_unit(per_weight(f"{layer}.q_proj"), nkv) + cols_per_unit(per_weight(f"{layer}.o_proj"), nkv)
-                    src = lay.kv_src
-                else:
-                    h = rows_per_unit(per_weight(f"{layer}.q_proj"), nq) + cols_per_unit(per_weight(f"{layer}.o_proj"), nq)
-                    src = lay.q_src
+                nkv = len(lay.kv_src)
+                src = lay.kv_src if self.unit == "kv_group" else lay.q_src  # kv_group: whole groups, no dummies
+                h = rows_per_unit(per_weight(f"{layer}.q_proj"), len(src)) + cols_per_unit(per_weight(f"{layer}.o_proj"), len(src))
                 if with_kv:
                     kv = rows_per_unit(per_weight(f"{layer}.k_proj"), nkv) + rows_per_unit(per_weight(f"{layer}.v_proj"), nkv)
                     h = h + kv.repeat_interleave(len(src) // nkv)
