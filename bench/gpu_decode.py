@@ -8,7 +8,7 @@ CUDA graphs) on CUDA, so a step costs its weight and KV reads rather than Python
 batch size: B random prompts, greedy, `min_new_tokens` = `max_new_tokens` = N; time per output token =
 (wall(N) - wall(1)) / (N - 1), medians of 3 after two warm-up runs (compilation). The dense model is
 transformers' own LlamaForCausalLM; slices are gisp_deploy.load. The ideal speed-up is the ratio of bytes a
-step reads (gisp_deploy.benchmark.decode_bytes). Without --artifact a Llama-2-7B-shaped random checkpoint is
+step reads (gisp_deploy.benchmark.bench.decode_bytes). Without --artifact a Llama-2-7B-shaped random checkpoint is
 written once (bench/gpu_load.py's).
 """
 
@@ -57,9 +57,9 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device, vo
 
 def main():
     from gisp_deploy.artifact import load_artifact
-    from gisp_deploy.benchmark import decode_bytes, weight_read_params
-    from gisp_deploy.loader import load
-    from gisp_deploy.serve import slice_summary
+    from gisp_deploy.benchmark.bench import decode_bytes, weight_read_params
+    from gisp_deploy.slicing.loader import load
+    from gisp_deploy.serving.summary import slice_summary
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)

@@ -6,7 +6,7 @@ Bandwidth counts bytes of kept data read + written (2 x output bytes). For rando
 DRAM must still read (almost) every source sector, so `dram_gbps` also reports bytes per time on a
 lower bound of the real traffic (32-byte sectors touched + bytes written).
 Cases: each projection kind of all 32 layers in one call, and the two calls of one loader round (the layers
-whose dense tensors fill gisp_deploy.loader.GATHER_BUDGET: q/k/v/gate/up rows, o/down columns).
+whose dense tensors fill gisp_deploy.slicing.loader.GATHER_BUDGET: q/k/v/gate/up rows, o/down columns).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ if ARGS.smoke and os.environ.get("TRITON_INTERPRET") is None:
 import torch  # noqa: E402
 
 from gisp_deploy.kernels import gather as G  # noqa: E402
-from gisp_deploy.loader import GATHER_BUDGET  # noqa: E402
+from gisp_deploy.slicing.loader import GATHER_BUDGET  # noqa: E402
 
 
 def shapes(smoke: bool, layers):
@@ -185,7 +185,7 @@ def main() -> int:
         "attn_qkv_rows": ("rows", lambda: [rnd(NH * HD, H) for _ in range(3 * L)],
                           [k for k in attn_keep for _ in (0, 1, 2)]),
         "attn_o_cols": ("cols", lambda: [rnd(H, NH * HD) for _ in range(L)], attn_keep),
-        # What the loader issues per round (gisp_deploy.loader.GATHER_BUDGET of dense tensors, a few layers):
+        # What the loader issues per round (gisp_deploy.slicing.loader.GATHER_BUDGET of dense tensors, a few layers):
         # one call for the q, k, v, gate, up rows and one for the o, down columns of those layers.
         "loader_round_rows": ("rows", lambda: [rnd(n, H) for _ in range(R) for n in (NH * HD,) * 3 + (I, I)],
                               [k for a, m in zip(attn_keep[:R], mlp_keep[:R]) for k in (a, a, a, m, m)]),

@@ -29,7 +29,7 @@ if mode == "dense":
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map="cuda")
 else:
-    from gisp_deploy.loader import load
+    from gisp_deploy.slicing.loader import load
     m = load(a, s, device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize(); wall = time.perf_counter() - t
 out = {"mode": mode, "sparsity": s, "wall_s": round(wall, 3), "gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
@@ -37,7 +37,7 @@ out = {"mode": mode, "sparsity": s, "wall_s": round(wall, 3), "gpu_gb": round(to
 if mode == "compact" and s == 0.4:
     import copy
     from gisp_deploy.plan import plan_slice
-    from gisp_deploy.scoring import apply_oracle
+    from gisp_deploy.slicing.oracle import apply_oracle
     from transformers import AutoModelForCausalLM
     ids = torch.randint(0, 32000, (1, 32), device="cuda")
     with torch.no_grad():
@@ -60,7 +60,7 @@ def make_checkpoint(work: Path, layers: int) -> Path:
 
     from gisp_deploy.artifact import write_artifact
     from gisp_deploy.families import ModelShape
-    from gisp_deploy.methods import PruneConfig, prune
+    from gisp_deploy.pruning.methods import PruneConfig, prune
 
     art = work / "artifact"
     if art.exists():

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from gisp_deploy.artifact import load_artifact
-from gisp_deploy.methods import PruneConfig
-from gisp_deploy.prune_run import run_prune
+from gisp_deploy.pruning.methods import PruneConfig
+from gisp_deploy.pruning.run import run_prune
 
 ROOT = Path(__file__).resolve().parents[1]
 

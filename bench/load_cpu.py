@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, sys, time
 import torch
-from gisp_deploy.loader import load
+from gisp_deploy.slicing.loader import load
 from gisp_deploy.artifact import load_artifact
 from transformers import AutoModelForCausalLM
 def status_mb(field):
@@ -63,7 +63,7 @@ def make_random_checkpoint(work: Path) -> Path:
 
     from gisp_deploy.artifact import load_artifact, write_artifact
     from gisp_deploy.families import ModelShape
-    from gisp_deploy.methods import PruneConfig, prune
+    from gisp_deploy.pruning.methods import PruneConfig, prune
 
     art = work / "random-1.5b-artifact"
     if art.exists():

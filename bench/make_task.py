@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from gisp_deploy.tasks import build_continuation_task, write_jsonl
+from gisp_deploy.quality.tasks import build_continuation_task, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

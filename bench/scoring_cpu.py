@@ -36,7 +36,7 @@ def main():
 
     from gisp_deploy.data import load_calibration
     from gisp_deploy.families import ModelShape
-    from gisp_deploy.methods import ComputeOptions, PruneConfig, prune
+    from gisp_deploy.pruning.methods import ComputeOptions, PruneConfig, prune
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     calib = load_calibration("lm", tok, [TRAIN], args.samples, args.seq_len, seed=0)

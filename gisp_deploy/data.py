@@ -162,7 +162,7 @@ def lm_calibration(tokenizer, paths, samples: int, seq_len: int, seed: int) -> C
                        tuple(str(p) for p in paths))
 
 
-def _encode_pair(tokenizer, prompt: str, target: str, seq_len: int) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: str, target: str, seq_len: int) -> tuple[list[int], list[int]]:
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     t = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not t:
@@ -211,7 +211,7 @@ def margin_calibration(tokenizer, paths, samples: int, seq_len: int, seed: int) 
         if not isinstance(ans, int) or not 0 <= ans < len(r["choices"]) or len(r["choices"]) < 2:
             raise DataError(f"{f}: 'answer' must index one of at least two 'choices' (got {ans!r})")
         for j, choice in enumerate(r["choices"]):
-            s, m = _encode_pair(tokenizer, r["prompt"], choice, seq_len)
+            s, m = encode_pair(tokenizer, r["prompt"], choice, seq_len)
             seqs.append(s), masks.append(m), correct.append(j == ans)
     n_pos = sum(correct)
     n_neg = len(correct) - n_pos
@@ -227,7 +227,7 @@ def answer_calibration(tokenizer, paths, samples: int, seq_len: int, seed: int) 
         if "answer" not in r or not ({"prompt", "question"} & set(r)):
             raise DataError(f"{f}: answer records need 'prompt' (or 'question') and 'answer'; got {sorted(r)}")
         prompt = r["prompt"] if "prompt" in r else f"Q: {r['question']}\nA: "
-        s, m = _encode_pair(tokenizer, prompt, str(r["answer"]), seq_len)
+        s, m = encode_pair(tokenizer, prompt, str(r["answer"]), seq_len)
         seqs.append(s), masks.append(m)
     return _pad(tokenizer, seqs, masks, [1.0 / len(seqs)] * len(seqs), "answer", paths)
 

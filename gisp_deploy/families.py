@@ -16,16 +16,47 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
-    qkv_bias: bool  # q/k/v projections carry a bias in the family's reference checkpoints
+    # Biases as the family's transformers classes build them: fixed by the family, or None = read from the
+    # config (`attention_bias` for q/k/v and o, `mlp_bias` for the MLP).
+    qkv_bias: bool | None
+    o_bias: bool | None
+    mlp_bias: bool | None
     qk_norm: bool  # per-head RMSNorm on q and k (shared across heads, so never sliced)
+
+    @property
+    def gisp_model_type(self) -> str:  # of an exported slice (gisp_deploy/modeling.py)
+        return f"gisp_{self.name}"
+
+    @property
+    def gisp_architecture(self) -> str:  # the compact class, in transformers (modeling.py) and in vLLM
+        return "Gisp" + self.architectures[0]
+
+    def biases(self, config) -> tuple[bool, bool, bool]:
+        """(q/k/v bias, o_proj bias, MLP bias) of a model of this family with `config` (an object or a dict)."""
+        def read(fixed, key):
+            if fixed is not None:
+                return fixed
+            return bool(config.get(key, False) if isinstance(config, dict) else getattr(config, key, False))
+        return read(self.qkv_bias, "attention_bias"), read(self.o_bias, "attention_bias"), read(self.mlp_bias, "mlp_bias")
 
 
 FAMILIES = (
-    Family("llama", ("llama",), ("LlamaForCausalLM",), qkv_bias=False, qk_norm=False),
-    Family("mistral", ("mistral",), ("MistralForCausalLM",), qkv_bias=False, qk_norm=False),
-    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), qkv_bias=True, qk_norm=False),
-    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), qkv_bias=False, qk_norm=True),
+    Family("llama", ("llama",), ("LlamaForCausalLM",), qkv_bias=None, o_bias=None, mlp_bias=None, qk_norm=False),
+    Family("mistral", ("mistral",), ("MistralForCausalLM",), qkv_bias=False, o_bias=False, mlp_bias=False,
+           qk_norm=False),
+    Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
+    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), qkv_bias=None, o_bias=None, mlp_bias=False, qk_norm=True),
 )
+GISP_ARCHITECTURES = tuple(f.gisp_architecture for f in FAMILIES)
+
+
+def family_named(name: str) -> Family:
+    """The family of a name, a model_type or an exported slice's model_type ("llama", "gisp_llama")."""
+    for fam in FAMILIES:
+        if name in (fam.name, fam.gisp_model_type, *fam.model_types):
+            return fam
+    raise UnsupportedModelError(f"unsupported model type {name!r}; gisp-deploy knows "
+                                f"{', '.join(f.name for f in FAMILIES)}")
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -70,7 +101,7 @@ class ModelShape:
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        attn_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias, mlp_bias = fam.biases(config)
         if heads % kv:
             raise UnsupportedModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         return cls(
@@ -81,10 +112,10 @@ class ModelShape:
             num_kv_heads=kv,
             head_dim=head_dim,
             intermediate=config.intermediate_size,
-            q_bias=fam.qkv_bias or attn_bias,
-            kv_bias=fam.qkv_bias or attn_bias,
-            o_bias=attn_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            q_bias=qkv_bias,
+            kv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
         )
 
     @property
@@ -125,6 +156,3 @@ def layer_modules(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
     block = model.model.layers[layer]
     return block.self_attn, block.mlp
 
-
-def linear(module: nn.Module, name: str) -> nn.Linear:
-    return getattr(module, name)

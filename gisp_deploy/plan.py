@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from .families import ModelShape
@@ -142,27 +141,30 @@ def plan_slice(ranking: Ranking, sparsity: float, *, tp_size: int = 1, channel_m
                      layers=tuple(layers), tp_size=tp_size, channel_multiple=channel_multiple)
 
 
+def kept_structures(shape: ModelShape, unit: str, removed) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the (query heads, channels) left once `removed` ((layer, kind, index) triples) are gone; a
+    KV-group unit takes all of its query heads."""
+    g = shape.group_size
+    gone_heads = [set() for _ in range(shape.num_layers)]
+    gone_channels = [set() for _ in range(shape.num_layers)]
+    for layer, kind, index in removed:
+        layer, index = int(layer), int(index)
+        if kind == CHANNEL:
+            gone_channels[layer].add(index)
+        elif unit == "kv_group":
+            gone_heads[layer].update(range(index * g, (index + 1) * g))
+        else:
+            gone_heads[layer].add(index)
+    return [(tuple(h for h in range(shape.num_heads) if h not in gone_heads[i]),
+             tuple(c for c in range(shape.intermediate) if c not in gone_channels[i])) for i in range(shape.num_layers)]
+
+
 def _plan_prefix(ranking: Ranking, sparsity: float) -> SlicePlan:
     """The slice at `sparsity`: everything outside the shortest ranking prefix that reaches it."""
     shape = ranking.shape
     prefix = ranking.prefix_length(sparsity)
-    removed_heads = [set() for _ in range(shape.num_layers)]
-    removed_channels = [set() for _ in range(shape.num_layers)]
-    g = shape.group_size
-    for layer, kind, index in zip(ranking.layer[:prefix], ranking.kind[:prefix], ranking.index[:prefix]):
-        if kind == CHANNEL:
-            removed_channels[layer].add(int(index))
-        elif ranking.unit == "kv_group":
-            removed_heads[layer].update(range(int(index) * g, (int(index) + 1) * g))
-        else:
-            removed_heads[layer].add(int(index))
-    layers = []
-    for i in range(shape.num_layers):
-        q = tuple(h for h in range(shape.num_heads) if h not in removed_heads[i])
-        layers.append(LayerPlan(
-            q_heads=q,
-            kv_heads=tuple(sorted({h // g for h in q})),
-            channels=tuple(c for c in range(shape.intermediate) if c not in removed_channels[i]),
-        ))
+    removed = zip(ranking.layer[:prefix], ranking.kind[:prefix], ranking.index[:prefix])
+    layers = tuple(LayerPlan(q_heads=q, kv_heads=tuple(sorted({h // shape.group_size for h in q})), channels=c)
+                   for q, c in kept_structures(shape, ranking.unit, removed))
     return SlicePlan(shape=shape, unit=ranking.unit, sparsity=float(sparsity),
-                     achieved_sparsity=ranking.achieved_sparsity(prefix), prefix=prefix, layers=tuple(layers))
+                     achieved_sparsity=ranking.achieved_sparsity(prefix), prefix=prefix, layers=layers)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gisp_deploy.families import ModelShape
-from gisp_deploy.methods import PruneConfig, prune
+from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.ranking import CHANNEL, HEAD, Ranking, SparsityError, parse_sparsities
 from tests.factory import make_model_dir
@@ -144,7 +144,7 @@ def test_deployment_rounding_keeps_slices_nested(tmp_path, unit):
 SAVE_IN_A_FRESH_PROCESS = """
 import sys
 from gisp_deploy.families import ModelShape
-from gisp_deploy.methods import PruneConfig, prune
+from gisp_deploy.pruning.methods import PruneConfig, prune
 from tests.factory import tiny_config
 shape = ModelShape.from_config(tiny_config("llama"))
 prune(None, shape, None, PruneConfig(method="random", max_sparsity=0.6, protect_first=0)).save(sys.argv[1])
@@ -174,3 +174,17 @@ def test_rankings_written_with_two_metadata_keys_still_load(ranked, tmp_path):
               metadata={"num_covered": str(ranking.num_covered), "unit": ranking.unit})
     back = Ranking.load(tmp_path / "old.safetensors", shape)
     assert back.num_covered == ranking.num_covered and back.unit == ranking.unit
+
+
+def test_kept_structures_of_hand_removals():
+    """Removals -> what each layer keeps: a query head alone, a KV group's heads together, channels."""
+    from gisp_deploy.plan import kept_structures
+    from tests.factory import tiny_config
+
+    shape = ModelShape.from_config(tiny_config("llama"))  # 4 layers, 4 heads in 2 KV groups, 48 channels
+    removed = [(0, HEAD, 3), (0, CHANNEL, 5), (2, CHANNEL, 0), (2, CHANNEL, 47)]
+    kept = kept_structures(shape, "q_head", removed)
+    assert kept[0] == ((0, 1, 2), tuple(c for c in range(48) if c != 5))
+    assert kept[1] == kept[3] == ((0, 1, 2, 3), tuple(range(48)))
+    assert kept[2] == ((0, 1, 2, 3), tuple(range(1, 47)))
+    assert kept_structures(shape, "kv_group", [(1, HEAD, 1)])[1][0] == (0, 1)  # group 1 = heads 2 and 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -296,6 +297,64 @@ def _indices_int32(ks: list, sizes: list, device: torch.device, what: str) -> tu
     return idx.to(device), offsets, is_sorted
 
 
+@dataclass
+class _Layers:
+    """What one launch needs of each layer of a group, gathered in one pass over the layers (host time per
+    layer is what a single call waits for)."""
+
+    sizes: list  # rows: each source's row count; cols: its column count (the index bound)
+    counts: list  # kept rows / columns
+    lds: list  # leading dimension (columns) of each source
+    tiles: list  # programs of each layer
+    src_ptrs: list
+    dst_ptrs: list
+    src_aligned: bool  # every non-empty source starts on a 16-byte boundary
+    dst_aligned: bool
+    counts_aligned: bool  # every layer's kept count spans a multiple of 16 bytes
+
+
+def _layers(rows: bool, ws: list, ks: list, dsts: list, esize: int, block_r: int, blocks_other: int,
+            block_c: int) -> _Layers:
+    """`dsts`: (data pointer, numel) of each layer's output."""
+    t = _Layers([], [], [], [], [], [], True, True, True)
+    for w, k, (dst, numel) in zip(ws, ks, dsts):
+        n = k.numel()
+        rr, cc = w.shape
+        t.sizes.append(rr if rows else cc)
+        t.counts.append(n)
+        t.lds.append(cc)
+        t.tiles.append(_cdiv(n, block_r) * blocks_other if rows else blocks_other * _cdiv(n, block_c))
+        src = w.data_ptr()
+        t.src_ptrs.append(src)
+        t.dst_ptrs.append(dst)
+        t.src_aligned &= not (src % _ALIGN_BYTES and rr and cc)
+        t.dst_aligned &= not (dst % _ALIGN_BYTES and numel)
+        t.counts_aligned &= (n * esize) % _ALIGN_BYTES == 0
+    return t
+
+
+def _meta(t: _Layers, layers: list, idx_offsets: list, table: bool, device: torch.device) -> tuple[Tensor, int, int]:
+    """The kernels' per-layer table on the device, its program count and log2 of its padded length."""
+    n = len(layers)
+    log2_p = _log2_ceil(n)
+    tile_start, acc = [], 0
+    for li in layers:
+        tile_start.append(acc)
+        acc += t.tiles[li]
+    tile_start += [2**62] * ((1 << log2_p) - n)  # sentinels: never <= a program id
+    meta = torch.tensor(
+        [t.src_ptrs[li] if table else 0 for li in layers]
+        + [t.dst_ptrs[li] if table else 0 for li in layers]
+        + idx_offsets
+        + [t.counts[li] for li in layers]
+        + [t.lds[li] for li in layers]
+        + tile_start,
+        dtype=torch.int64,
+    )  # [5 * n + P]
+    meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta
+    return meta, acc, log2_p
+
+
 def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, block_r: int,
             block_c: int, num_warps: int) -> None:
     """One launch for the whole group (pointer tables), or one per layer where the interpreter
@@ -305,96 +364,51 @@ def _launch(kind: str, ws: list, ks: list, outs: list, device: torch.device, *, 
     outputs are slices of one buffer."""
     esize = ws[0].element_size()
     idt = _INT_VIEW[esize]
-    n_layers = len(ws)
     rows = kind == "rows"
     C = ws[0].shape[1]  # rows: shared column count
     R = ws[0].shape[0]  # cols: shared row count
     blocks_other = _cdiv(C, block_c) if rows else _cdiv(R, block_r)
-    flat = isinstance(outs, tuple)
-    if flat:
+    if isinstance(outs, tuple):
         buf, offs, numels = outs
         base = buf.data_ptr()
-    # One pass over the layers (host time per layer is what a single call waits for).
-    sizes, counts, lds, tiles, src_ptrs, dst_ptrs = [], [], [], [], [], []
-    src_aligned = dst_aligned = True
-    counts_aligned = True
-    for li in range(n_layers):
-        w, k = ws[li], ks[li]
-        n = k.numel()
-        rr, cc = w.shape
-        sizes.append(rr if rows else cc)
-        counts.append(n)
-        lds.append(cc)
-        tiles.append(_cdiv(n, block_r) * blocks_other if rows else blocks_other * _cdiv(n, block_c))
-        p = w.data_ptr()
-        src_ptrs.append(p)
-        if p % _ALIGN_BYTES and rr and cc:
-            src_aligned = False
-        if flat:
-            p, m = base + offs[li] * esize, numels[li]
-        else:
-            p, m = outs[li].data_ptr(), outs[li].numel()
-        dst_ptrs.append(p)
-        if p % _ALIGN_BYTES and m:
-            dst_aligned = False
-        if (n * esize) % _ALIGN_BYTES:
-            counts_aligned = False
-    per_layer = interpreting() and device.type != "cpu"
-    if not per_layer:  # also validates host-side indices
-        idx, idx_offsets, is_sorted = _indices_int32(ks, sizes, device, kind[:-1])
-    if sum(tiles) == 0:
-        return
-    if flat:
+        dsts = [(base + o * esize, m) for o, m in zip(offs, numels)]
         out_view = lambda li: buf[offs[li]:offs[li] + numels[li]].view(idt)  # noqa: E731
     else:
+        dsts = [(o.data_ptr(), o.numel()) for o in outs]
         out_view = lambda li: outs[li].view(idt)  # noqa: E731
-    if rows:
-        aligned = src_aligned and dst_aligned and (C * esize) % _ALIGN_BYTES == 0
-        col_tiles = blocks_other
-    else:
-        aligned = dst_aligned and counts_aligned
+    t = _layers(rows, ws, ks, dsts, esize, block_r, blocks_other, block_c)
+    per_layer = interpreting() and device.type != "cpu"
+    if not per_layer:  # also validates host-side indices
+        idx, idx_offsets, is_sorted = _indices_int32(ks, t.sizes, device, kind[:-1])
+    if sum(t.tiles) == 0:
+        return
     kern = _kernel(kind)
 
     def run(layers: list, src: Tensor, dst: Tensor, idx: Tensor, idx_offsets: list, table: bool,
             is_sorted: bool):
-        n = len(layers)
-        log2_p = _log2_ceil(n)
-        tile_start, acc = [], 0
-        for li in layers:
-            tile_start.append(acc)
-            acc += tiles[li]
-        tile_start += [2**62] * ((1 << log2_p) - n)  # sentinels: never <= a program id
-        meta = torch.tensor(
-            [src_ptrs[li] if table else 0 for li in layers]
-            + [dst_ptrs[li] if table else 0 for li in layers]
-            + idx_offsets
-            + [counts[li] for li in layers]
-            + [lds[li] for li in layers]
-            + tile_start,
-            dtype=torch.int64,
-        )  # [5 * n + P]
-        meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta
+        meta, programs, log2_p = _meta(t, layers, idx_offsets, table, device)
         if rows:
-            kern[(acc,)](src, dst, idx, meta, n, C, COL_TILES=col_tiles, BLOCK_R=block_r,
-                         BLOCK_C=block_c, LOG2_P=log2_p, USE_TABLE=table, ALIGNED=aligned,
-                         num_warps=num_warps)
+            aligned = t.src_aligned and t.dst_aligned and (C * esize) % _ALIGN_BYTES == 0
+            kern[(programs,)](src, dst, idx, meta, len(layers), C, COL_TILES=blocks_other, BLOCK_R=block_r,
+                              BLOCK_C=block_c, LOG2_P=log2_p, USE_TABLE=table, ALIGNED=aligned,
+                              num_warps=num_warps)
         else:
-            kern[(acc,)](src, dst, idx, meta, n, R, BLOCK_R=block_r, BLOCK_K=block_c,
-                         LOG2_P=log2_p, USE_TABLE=table, DST_ALIGNED=aligned,
-                         SRC_ALIGNED=src_aligned, VEC=max(1, _ALIGN_BYTES // esize), SORTED=is_sorted,
-                         num_warps=num_warps)
+            kern[(programs,)](src, dst, idx, meta, len(layers), R, BLOCK_R=block_r, BLOCK_K=block_c,
+                              LOG2_P=log2_p, USE_TABLE=table, DST_ALIGNED=t.dst_aligned and t.counts_aligned,
+                              SRC_ALIGNED=t.src_aligned, VEC=max(1, _ALIGN_BYTES // esize), SORTED=is_sorted,
+                              num_warps=num_warps)
 
     # Tensors freed after the launch are safe: the caching allocator orders reuse on the stream,
     # and pinned staging buffers are recycled only after their copy completed.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if per_layer:  # interpreter + device tensors: it copies arguments, raw addresses are void
-            for li in range(n_layers):
-                if tiles[li]:
-                    idx, offsets, srt = _indices_int32([ks[li]], [sizes[li]], device, kind[:-1])
+            for li in range(len(ws)):
+                if t.tiles[li]:
+                    idx, offsets, srt = _indices_int32([ks[li]], [t.sizes[li]], device, kind[:-1])
                     run([li], ws[li].detach().view(idt), out_view(li), idx, offsets, False, srt)
         else:
-            first = next(i for i in range(n_layers) if tiles[i])  # dtype carriers (same-size ints)
-            run(list(range(n_layers)), ws[first].detach().view(idt), out_view(first), idx, idx_offsets,
+            first = next(i for i in range(len(ws)) if t.tiles[i])  # dtype carriers (same-size ints)
+            run(list(range(len(ws))), ws[first].detach().view(idt), out_view(first), idx, idx_offsets,
                 True, is_sorted)
 
 
@@ -404,10 +418,8 @@ def _gather(kind: str, weights: Sequence[Tensor], keep: Sequence[Tensor], *, fla
     dim = 0 if kind == "rows" else 1
     out: list = [None] * len(weights)
     groups: dict = {}
-    interp = interpreting()
     for i, w in enumerate(weights):
-        if not (HAS_TRITON and (w.is_cuda or interp) and w.element_size() in _INT_VIEW
-                and w.layout == torch.strided):
+        if not (use_triton(w) and w.element_size() in _INT_VIEW and w.layout == torch.strided):
             k = keep[i]
             out[i] = w.detach().index_select(dim, k.to(device=w.device, dtype=torch.long))
             continue

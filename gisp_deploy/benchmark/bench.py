@@ -1,0 +1,245 @@
+"""`gisp-deploy bench`: quality, size, load time and (with vLLM) decode speed of every slice, side by side.
+
+One flat record per measurement (README, "Measurement records"): per slice a size record (with its load time),
+perplexity and accuracy records, and with vLLM a speed record per batch size. The dense model (sparsity 0) is
+always included and, for artifacts made from the same weights, measured once. Speed-ups are against that dense model; the ideal speed-up is the
+ratio of bytes a decode step reads (weights, all but the embedding table, plus the KV cache of the batch at
+the run's mean context), which bounds a memory-bound decoder's gain.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..artifact import load_artifact
+from ..ranking import parse_sparsities
+from ..quality.evaluate import measure_quality, slice_identity, text_streams
+from ..slicing.loader import load
+from ..plan import plan_slice
+from ..hf import dtype_bytes, load_tokenizer
+from ..serving.summary import slice_summary
+from .speed import SpeedConfig, measure
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    sparsities: tuple[float, ...]
+    texts: tuple[str, ...] = ()
+    seq_lens: tuple[int, ...] = (128, 512)
+    tasks: tuple[str, ...] = ()
+    max_tokens: int | None = 65536
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32  # of the quality measurements
+    serve_dtype: str = "bfloat16"  # bytes are counted at it; vLLM runs with it
+    tp_size: int = 1
+    channel_multiple: int = 1
+    speed: SpeedConfig | None = None
+
+    def __post_init__(self):
+        if 0.0 not in self.sparsities:
+            object.__setattr__(self, "sparsities", (0.0, *self.sparsities))
+        object.__setattr__(self, "sparsities", tuple(sorted(set(self.sparsities))))
+        if not self.seq_lens or min(self.seq_lens) < 2:
+            raise ValueError(f"--seq-lens {self.seq_lens}: give context lengths >= 2, e.g. 128,512")
+        try:
+            dtype_bytes(self.serve_dtype)
+        except ValueError:
+            raise ValueError(f"--serve-dtype {self.serve_dtype!r}: choose bfloat16, float16 or float32") from None
+        if self.speed and self.speed.dtype != self.serve_dtype:  # bytes are counted at the dtype vLLM runs
+            object.__setattr__(self, "speed", replace(self.speed, dtype=self.serve_dtype))
+
+
+def decode_bytes(weight_read_params: int, kv_bytes_per_token: int, dtype_bytes: int, batch: int,
+                 context: float) -> float:
+    """Bytes one decode step reads: every weight once, and each sequence's KV cache."""
+    return weight_read_params * dtype_bytes + batch * context * kv_bytes_per_token
+
+
+def weight_read_params(parameters: int, config) -> int:
+    """Parameters a decode step reads: all but the input embedding table (one row per token), unless tied to
+    the output projection, which reads it whole."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "tie_word_embeddings", False):
+        return parameters
+    return parameters - text.vocab_size * text.hidden_size
+
+
+def _weights_key(art) -> tuple:
+    return tuple(sorted(art.manifest.get("weights", {}).get("sha256", {}).items())) or (str(art.weights_dir),)
+
+
+class Bench:
+    """Measures artifacts slice by slice; `on_record` sees each record as soon as it is complete."""
+
+    def __init__(self, cfg: BenchConfig, *, on_record=None, progress=None, log=print):
+        self.cfg, self.on_record, self.progress, self.log = cfg, on_record, progress, log
+        self.records: list[dict] = []
+        self._dense: dict[tuple, dict] = {}
+
+    def validate(self, paths) -> list:
+        """Load every artifact and plan every slice before measuring anything, so bad input fails at once."""
+        arts = [load_artifact(p) for p in paths]
+        for art in arts:
+            for s in self.cfg.sparsities:
+                plan_slice(art.ranking, s, tp_size=self.cfg.tp_size, channel_multiple=self.cfg.channel_multiple)
+            limit = getattr(art.config.get_text_config(decoder=True), "max_position_embeddings", None)
+            if self.cfg.texts and limit and max(self.cfg.seq_lens) > limit:
+                raise ValueError(f"{art.path}: --seq-lens {max(self.cfg.seq_lens)} exceeds the model's "
+                                 f"max_position_embeddings ({limit}); use shorter contexts")
+            if self.cfg.texts or self.cfg.tasks:
+                load_tokenizer(art.path)  # names the missing files and the fix
+        return arts
+
+    def run(self, paths) -> list[dict]:
+        for art in self.validate(paths):
+            self._run_artifact(art)
+        return self.records
+
+    def _run_artifact(self, art):
+        cfg = self.cfg
+        tok = load_tokenizer(art.path) if cfg.texts or cfg.tasks else None
+        streams = text_streams(tok, cfg.texts, cfg.max_tokens) if tok is not None else {}
+        key = _weights_key(art)
+        dense = []
+        for s in cfg.sparsities:
+            plan = plan_slice(art.ranking, s, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple)
+            ident = slice_identity(art, plan)
+            shared = self._dense.get(key) if s == 0 else None
+            if shared:  # the same dense weights were measured for an earlier artifact
+                recs = [{**r, **ident, "measured_with": shared[0]["name"]} for r in shared]
+            else:
+                self.log(f"{ident['name']} at sparsity {s:g}: loading and measuring")
+                recs = self._measure(art, plan, ident, streams, tok)
+            if s == 0:
+                dense = recs
+                self._dense.setdefault(key, recs)
+            recs = _with_ideal(recs, dense, cfg)
+            self.records += recs
+            if self.on_record:
+                self.on_record(recs)
+
+    def _measure(self, art, plan, ident: dict, streams: dict, tok) -> list[dict]:
+        """The slice's size record (with its load time), its quality records and (with speed) its speed records."""
+        cfg = self.cfg
+        summary = slice_summary(art.path, plan.sparsity, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple,
+                                dtype=cfg.serve_dtype)
+        t = time.perf_counter()
+        model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype)
+        if str(cfg.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        size = {**ident, "measure": "size", "load_s": time.perf_counter() - t, "decoder_params": plan.kept_params,
+                "dense_decoder_params": plan.shape.total_params, "parameters": summary.parameters,
+                "padding_parameters": summary.padding_parameters,
+                "weight_bytes": summary.parameters * dtype_bytes(cfg.serve_dtype), "serve_dtype": cfg.serve_dtype,
+                "kv_bytes_per_token": summary.kv_bytes_per_token,
+                "weight_read_params": weight_read_params(summary.parameters, art.config)}
+        quality = measure_quality(model, tok, streams, cfg.seq_lens, cfg.tasks, batch_size=cfg.batch_size,
+                                  progress=self.progress)
+        del model
+        gc.collect()
+        return [size, *({**ident, **r} for r in quality), *self._speed(art, plan.sparsity, ident)]
+
+    def _speed(self, art, s: float, ident: dict) -> list[dict]:
+        speed = self.cfg.speed
+        if speed is None:
+            return []
+        self.log(f"  vLLM speed at batch sizes {', '.join(map(str, speed.batch_sizes))} "
+                 f"({speed.prompt_len}-token prompts, {speed.gen_len} new tokens)")
+        run = measure(art, None if s == 0 else s, speed)
+        common = {k: run[k] for k in ("prompt_len", "gen_len", "dtype", "startup_s", "threads")}
+        return [{**ident, "measure": "speed", **common, **row} for row in run["results"]]
+
+
+def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig) -> list[dict]:
+    """Speed records with the speed-up over the dense model at the same batch size, the ideal speed-up (the ratio
+    of bytes a decode step reads) and the fraction of it achieved."""
+    size = next(r for r in recs if r["measure"] == "size")
+    dense_size = next(r for r in dense if r["measure"] == "size")
+    base = {r["batch_size"]: r for r in dense if r["measure"] == "speed"}
+    nbytes = dtype_bytes(cfg.serve_dtype)
+    out = []
+    for r in recs:
+        if r["measure"] == "speed":
+            b, context = r["batch_size"], cfg.speed.context
+            ideal = decode_bytes(dense_size["weight_read_params"], dense_size["kv_bytes_per_token"], nbytes, b,
+                                 context) / \
+                decode_bytes(size["weight_read_params"], size["kv_bytes_per_token"], nbytes, b, context)
+            speedup = base[b]["tpot_s"] / r["tpot_s"]
+            r = {**r, "speedup": speedup, "throughput_speedup": r["output_tokens_per_s"] / base[b]["output_tokens_per_s"],
+                 "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
+                 "gain_fraction": (speedup - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None}
+        out.append(r)
+    return out
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return parse_sparsities(text)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def _ints(text, flag: str) -> tuple[int, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        vals = tuple(int(x) for x in items if str(x).strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,16") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{flag} {text!r}: give positive integers, e.g. 1,16")
+    return vals
+
+
+
+def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_lens="128,512",
+          max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
+          serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
+          batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, eager: bool = False,
+          out="gisp-bench", plots: bool = True, command: str = "bench", progress=None, log=print):
+    """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
+    and plots (results.json and report.md after every record, so an interruption keeps what was measured).
+    Returns (records, paths written). Sparsities, seq_lens and batch_sizes: comma-separated or sequences."""
+    from ..hf import pick_device, pick_dtype
+    from .report import environment, write_markdown, write_plots, write_results
+
+    for p in [*texts, *tasks]:
+        if not Path(p).is_file():
+            raise ValueError(f"{p}: no such file")
+    speed_cfg = None
+    if speed:
+        from ..serving.process import require_vllm
+
+        require_vllm()
+        speed_cfg = SpeedConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), prompt_len=prompt_len,
+                                gen_len=gen_len, repeats=repeats, dtype=serve_dtype, tp_size=tp_size,
+                                channel_multiple=channel_multiple, enforce_eager=eager)
+    dev = pick_device(device)
+    cfg = BenchConfig(sparsities=tuple(_floats(sparsities, "--sparsities")), texts=tuple(map(str, texts)),
+                      seq_lens=_ints(seq_lens, "--seq-lens"), tasks=tuple(map(str, tasks)),
+                      max_tokens=max_tokens or None, batch_size=batch_size, device=str(dev),
+                      dtype=pick_dtype(dtype, dev), serve_dtype=serve_dtype, tp_size=tp_size,
+                      channel_multiple=channel_multiple, speed=speed_cfg)
+    meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
+            "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
+            "speed": speed_cfg.__dict__ if speed_cfg else None}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def on_record(_rec):
+        write_results(out, runner.records, meta)  # what is measured so far survives an interruption
+        write_markdown(out, runner.records, meta)
+
+    runner = Bench(cfg, on_record=on_record, progress=progress, log=log)
+    records = runner.run(artifacts)
+    if not records:
+        return records, []
+    written = [write_results(out, records, meta), write_markdown(out, records, meta)]
+    if plots:
+        written += write_plots(out, records)
+    return records, written

@@ -1,0 +1,37 @@
+"""The `gisp-deploy` command line: a thin layer over the library; each subcommand owns its options.
+
+One module per group of subcommands; each parses its options and calls the library function of the same
+name with plain keyword arguments. This package is the only one that imports typer or rich, and nothing imports it.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import bench, prune, quality, serve, slices
+from .common import friendly
+
+app = typer.Typer(
+    name="gisp-deploy", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="Prune once with GISP, then cut any sparsity out of one artifact at load time.\n\n"
+         "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
+         "  gisp-deploy inspect ARTIFACT --sparsity 0.2,0.4\n"
+         "  gisp-deploy eval ARTIFACT --sparsity 0,0.2,0.4 --text heldout.txt\n"
+         "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40\n"
+         "  gisp-deploy serve ARTIFACT --sparsity 0.4\n"
+         "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5\n"
+         "  gisp-deploy bench ARTIFACT OTHER-ARTIFACT --text heldout.txt --speed")
+
+for name, command, epilog in (("prune", prune.prune, prune.PRUNE_EXAMPLES),
+                              ("inspect", slices.inspect, slices.INSPECT_EXAMPLES),
+                              ("eval", quality.eval_, quality.EVAL_EXAMPLES),
+                              ("export", slices.export, slices.EXPORT_EXAMPLES),
+                              ("check", quality.check, quality.CHECK_EXAMPLES),
+                              ("make-task", quality.make_task, quality.MAKE_TASK_EXAMPLES),
+                              ("serve", serve.serve, serve.SERVE_EXAMPLES),
+                              ("bench", bench.bench, bench.BENCH_EXAMPLES)):
+    app.command(name, epilog=epilog)(friendly(command))
+
+
+def main():
+    app()

@@ -1,0 +1,109 @@
+"""`gisp-deploy bench`: options, progress, the terminal table; measuring is gisp_deploy.benchmark's."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.console import Console
+
+from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
+                     task_option, text_option)
+
+BENCH_EXAMPLES = """
+[bold]Examples[/]
+
+  # perplexity at 128/512-token contexts, sizes and load time of the dense model and four slices
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.3,0.4,0.5 --text heldout.txt.gz
+
+  # several artifacts (methods) in one comparison, with task accuracy; plots and report in ./cmp
+  gisp-deploy bench llama3-gisp llama3-wanda llama3-random --text heldout.txt.gz \\
+      --task continuation-test.margin.jsonl --out cmp
+
+  # vLLM decode speed at batch 1 and 16 against the dense model, and the ideal speed-up
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed --batch-sizes 1,16
+
+Writes OUT/results.json, OUT/report.md and OUT/perplexity.png, accuracy.png, speedup.png.
+"""
+
+
+def bench(
+    artifacts: List[Path] = typer.Argument(..., help="One or more artifact directories (e.g. one per method)."),
+    sparsities: str = typer.Option("0.2,0.3,0.4,0.5", help="Comma-separated sparsities; the dense model (0) "
+                                   "is always included."),
+    text: List[Path] = text_option(),
+    task: List[Path] = task_option(),
+    seq_lens: str = typer.Option("128,512", help="Context lengths of the perplexity windows."),
+    max_tokens: int = max_tokens_option(),
+    batch_size: int = batch_size_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    serve_dtype: str = typer.Option("bfloat16", help="dtype the slices are served in: weight and KV bytes are "
+                                    "counted at it, and --speed runs vLLM with it."),
+    tp_size: int = typer.Option(1, help="Round per-layer widths for this tensor-parallel size (and run vLLM "
+                                "with it)."),
+    channel_multiple: int = channel_multiple_option(),
+    speed: bool = typer.Option(False, "--speed", help="Measure decode speed with vLLM's engine (needs vLLM)."),
+    batch_sizes: str = typer.Option("1,16", help="Batch sizes of the speed runs."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens per sequence in the speed runs."),
+    gen_len: int = typer.Option(64, help="Generated tokens per sequence in the speed runs."),
+    repeats: int = typer.Option(3, help="Timed runs per batch size (the median is reported)."),
+    eager: bool = typer.Option(False, "--eager", help="Run vLLM without compiled graphs (faster start, often "
+                               "slower decode)."),
+    out: Path = typer.Option(Path("gisp-bench"), "--out", help="Directory for results.json, report.md and plots "
+                             "(created; files in it are replaced)."),
+    plots: bool = typer.Option(True, help="Write PNG plots."),
+):
+    """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..benchmark.bench import bench as run
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    command = shlex.join(["gisp-deploy", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "bench"
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,} tokens"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("perplexity", total=None)
+        records, written = run(artifacts, sparsities=sparsities, texts=text, tasks=task, seq_lens=seq_lens,
+                               max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                               serve_dtype=serve_dtype, tp_size=tp_size, channel_multiple=channel_multiple,
+                               speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
+                               repeats=repeats, eager=eager, out=out, plots=plots, command=command,
+                               progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m))
+    if not records:
+        return
+    Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def results_table(records):
+    """One row per slice: sizes, load time, perplexities, accuracies, speeds."""
+    from rich.table import Table
+
+    from ..benchmark.report import of, ppl_keys, speed_rows, task_names, value
+
+    keys, tasks = ppl_keys(records), task_names(records)
+    batches = sorted({r["batch_size"] for r in of(records, "speed")})
+    table = Table(title="gisp-deploy bench")
+    one_text, one_task = len({t for t, _ in keys}) == 1, len(tasks) == 1
+    for col in ["artifact", "method", "sparsity", "achieved", "params", "weights MiB", "KV B/tok", "load s",
+                *[f"ppl@{L}" if one_text else f"ppl {t}@{L}" for t, L in keys],
+                *["accuracy" if one_task else f"acc {t}" for t in tasks],
+                *[f"b{b} tok/s" for b in batches], *[f"b{b} speed-up (ideal)" for b in batches]]:
+        table.add_column(col, justify="left" if col in ("artifact", "method") else "right")
+    for r in of(records, "size"):
+        at = dict(artifact=r["artifact"], sparsity=r["sparsity"])
+        ppl = [value(records, "perplexity", "perplexity", **at, text=t, seq_len=L) for t, L in keys]
+        acc = [value(records, "accuracy", "accuracy", **at, task=t) for t in tasks]
+        sp = speed_rows(records, r)
+        table.add_row(r["name"], str(r["method"]), f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}",
+                      f"{r['parameters'] / 1e6:,.1f}M", f"{r['weight_bytes'] / 2**20:,.1f}",
+                      f"{r['kv_bytes_per_token']:,}", f"{r['load_s']:.2f}",
+                      *[f"{v:.2f}" if v is not None else "" for v in ppl],
+                      *[f"{v:.3f}" if v is not None else "" for v in acc],
+                      *[f"{sp[b]['output_tokens_per_s']:.1f}" if b in sp else "" for b in batches],
+                      *[f"{sp[b]['speedup']:.2f} ({sp[b]['ideal_speedup']:.2f})" if b in sp else "" for b in batches])
+    return table

@@ -1,0 +1,83 @@
+"""What every subcommand shares: the error line, progress bars, and the options several commands take."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+EXPECTED_ERRORS = (ValueError, OSError, KeyError)
+
+
+def friendly(fn):
+    """Turn the library's validation errors into one red line and exit status 2, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except EXPECTED_ERRORS as e:
+            console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def pass_reporter(progress: Progress):
+    def on_pass(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+    return on_pass
+
+
+
+def say(message: str) -> None:
+    """A plain line from the library on stderr (no rich markup read into it)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def text_option() -> List[Path]:
+    return typer.Option([], "--text", help="Held-out text (.txt/.txt.gz) for perplexity; repeat for several.")
+
+
+def task_option() -> List[Path]:
+    return typer.Option([], "--task", help="Multiple-choice JSONL ({prompt, choices, answer}) for accuracy; repeat "
+                        "for several.")
+
+
+def max_tokens_option() -> int:
+    return typer.Option(65536, help="Use the first N tokens of each text (0: all).")
+
+
+def batch_size_option() -> int:
+    return typer.Option(16, help="Windows per forward pass when measuring quality.")
+
+
+def device_option() -> str:
+    return typer.Option("auto", help="Device the slices are measured on: auto | cpu | cuda.")
+
+
+def dtype_option() -> str:
+    return typer.Option("float32", help="dtype the slices are measured in: float32 | bfloat16 | float16.")
+
+
+def tp_size_option() -> int:
+    return typer.Option(1, help="Round per-layer widths so they split over this tensor-parallel size.")
+
+
+def channel_multiple_option() -> int:
+    return typer.Option(1, help="Round per-layer MLP widths to a multiple of N (e.g. 64, 128).")

@@ -1,0 +1,51 @@
+"""`gisp-deploy serve`: a slice behind vLLM's OpenAI-compatible server, on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import console, say
+
+SERVE_EXAMPLES = """
+[bold]Examples[/]
+
+  # the 40% slice of an artifact, on http://127.0.0.1:8000/v1 (model name llama3-gisp@0.4)
+  gisp-deploy serve llama3-gisp --sparsity 0.4
+
+  # two GPUs: per-layer widths rounded to split over 2 ranks, MLP widths to multiples of 128
+  gisp-deploy serve llama3-gisp --sparsity 0.5 --tensor-parallel-size 2 --channel-multiple 128
+
+  # an exported slice; anything after -- goes to vLLM unchanged
+  gisp-deploy serve llama3-gisp-0.4/ --port 8001 -- --max-model-len 4096 --enable-prefix-caching
+
+  # then, from any OpenAI client
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "llama3-gisp@0.4", "prompt": "Once upon a time", "max_tokens": 32}'
+"""
+
+
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact directory (sliced while vLLM loads it), or a directory "
+                                    "written by `gisp-deploy export`."),
+    sparsity: Optional[float] = typer.Option(None, help="Sparsity of the slice to serve (artifacts only)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor-parallel ranks; "
+                                             "per-layer widths are rounded to split over them."),
+    channel_multiple: int = typer.Option(1, help="Round per-layer MLP widths up to a multiple of N."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model name clients ask for (default: "
+                                                    "ARTIFACT-NAME@SPARSITY, or the export's directory name)."),
+    vllm_args: Optional[List[str]] = typer.Argument(None, help="Further vLLM server arguments, after --."),
+):
+    """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from ..serving.launch import serve as run
+
+    rc = run(artifact, sparsity, host=host, port=port, tensor_parallel_size=tensor_parallel_size,
+             channel_multiple=channel_multiple, served_model_name=served_model_name, vllm_args=vllm_args or (),
+             log=say)
+    if rc:
+        console.print(f"[bold red]error:[/] the vLLM server exited with status {rc} (its log is above)")
+        raise typer.Exit(rc if 0 < rc < 256 else 1)

@@ -1,0 +1,129 @@
+"""`gisp-deploy inspect` and `export`: what an artifact's slices look like, and one slice as a model directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .common import channel_multiple_option, console, tp_size_option
+
+INSPECT_EXAMPLES = """
+[bold]Examples[/]
+
+  gisp-deploy inspect llama3-gisp
+  gisp-deploy inspect llama3-gisp --sparsity 0.2,0.4,0.5 --plot widths.png
+  gisp-deploy inspect llama3-gisp --sparsity 0.4 --json > slice.json
+"""
+
+
+def default_sparsities(coverage: float) -> list[float]:
+    return [round(0.1 * k, 1) for k in range(1, 10) if 0.1 * k <= coverage + 1e-9]
+
+
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    sparsity: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default: 0.1 steps up to coverage)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stable JSON description, with kept indices."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths across sparsities."),
+):
+    """Show what an artifact holds and the per-layer widths of its slices."""
+    from ..artifact import load_artifact
+    from ..ranking import parse_sparsities
+    from ..slicing.inspection import describe, plot_widths
+
+    art = load_artifact(artifact)
+    sps = parse_sparsities(sparsity) if sparsity else default_sparsities(art.ranking.coverage)
+    info = describe(art, sps)
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        out = Console()
+        out.print(artifact_table(art))
+        out.print(width_table(art, info))
+    if plot:
+        plot_widths(art, sps, plot)
+        console.print(f"wrote {plot}", soft_wrap=True)
+
+
+def artifact_table(art) -> Table:
+    """Method, objective, schedule, calibration, model and coverage of an artifact."""
+    m = art.manifest
+    t = Table(title=f"artifact {art.path}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    calib = m.get("calibration") or {}
+    rows = [
+        ("method", f"{m.get('method')} (unit {art.ranking.unit}, normalization {m.get('normalization')})"),
+        ("objective", str(m.get("objective"))),
+        ("schedule", str(m.get("schedule"))),
+        ("calibration", f"{calib.get('samples')} x {calib.get('seq_len')} tokens, sha256 {str(calib.get('sha256'))[:16]}…"
+         if calib else "none"),
+        ("model", f"{art.shape.family}: {art.shape.num_layers} layers, {art.shape.num_heads} heads "
+                  f"({art.shape.num_kv_heads} KV), MLP {art.shape.intermediate}"),
+        ("coverage", f"up to sparsity {art.ranking.coverage:.4f} ({art.ranking.num_covered}/{len(art.ranking)} "
+                     "structures ranked by the run)"),
+        ("protected layers", str(m.get("protected_layers"))),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def width_table(art, info: dict) -> Table:
+    """Kept query heads / KV heads / channels per layer at each described sparsity."""
+    t = Table(title="kept per layer: query heads / KV heads / channels")
+    t.add_column("layer", justify="right")
+    for sl in info["slices"]:
+        t.add_column(f"s={sl['sparsity']:g} (achieved {sl['achieved_sparsity']:.4f})", justify="right")
+    for layer in range(art.shape.num_layers):
+        cells = []
+        for sl in info["slices"]:
+            lp = sl["layers"][layer]
+            cells.append(f"{len(lp['q_heads'])} / {len(lp['kv_heads'])} / {len(lp['channels'])}")
+        t.add_row(str(layer), *cells)
+    return t
+
+
+EXPORT_EXAMPLES = """
+[bold]Examples[/]
+
+  # the 40% slice as a model directory, in the source checkpoint's dtype
+  gisp-deploy export llama3-gisp --sparsity 0.4 --out llama3-40
+
+  # widths split over 2 GPUs, MLP sizes a multiple of 128, bf16
+  gisp-deploy export llama3-gisp --sparsity 0.4 --tp-size 2 \\
+      --channel-multiple 128 --dtype bfloat16 --out llama3-40-tp2
+
+  # load it (gisp-deploy installed: `import gisp_deploy` first;
+  # elsewhere: pass trust_remote_code=True)
+  AutoModelForCausalLM.from_pretrained("llama3-40")
+"""
+
+
+def export(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    sparsity: str = typer.Option(..., help="The sparsity of the slice to export (one value, e.g. 0.4)."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write (atomically)."),
+    tp_size: int = tp_size_option(),
+    channel_multiple: int = channel_multiple_option(),
+    dtype: str = typer.Option("auto", help="auto (the source checkpoint's) | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, help="Replace an existing directory at --out."),
+):
+    """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
+    per-layer sizes) that AutoModelForCausalLM loads."""
+    from ..slicing.export import export_slice
+
+    summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
+                           overwrite=overwrite)
+    console.print(
+        f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g} "
+        f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "
+        f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
+        soft_wrap=True)
+

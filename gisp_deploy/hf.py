@@ -1,0 +1,73 @@
+"""Hugging Face files as gisp-deploy opens them: devices, dtypes, tokenizers and dense models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .artifact import ArtifactError, weight_files
+
+# Every dtype name a command accepts (vLLM's spellings too), and the safetensors header codes the loader reads.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def dtype_bytes(name: str, default: int | None = None) -> int:
+    """Bytes per element of a dtype given by name ("bfloat16", "float32", ...)."""
+    if name in DTYPES:
+        return DTYPES[name].itemsize
+    if default is None:
+        raise ValueError(f"unknown dtype {name!r}; choose bfloat16, float16 or float32")
+    return default
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and not any((model_dir / f).is_file() for f in TOKENIZER_FILES) \
+            and not any(model_dir.glob("*.tiktoken")):
+        raise ArtifactError(f"{model_dir}: no tokenizer (tokenizer.json or tokenizer.model, with "
+                            "tokenizer_config.json); copy the tokenizer files of the source model into it")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        detail = " ".join(str(e).split())[:160]  # one line: transformers' messages span several
+        raise ArtifactError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {detail}); the directory "
+                            "needs tokenizer.json (or tokenizer.model) and tokenizer_config.json, as the source "
+                            "model has them") from None
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """The dense model of a directory through transformers, safetensors only."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    weight_files(model_dir)  # refuses pickle-only checkpoints before transformers sees them
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    return model.to(device).eval()

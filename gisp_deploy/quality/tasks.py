@@ -1,0 +1,76 @@
+"""Decision tasks: build a 'true continuation among N' task from text, and score multiple-choice accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data import encode_pair, read_jsonl, token_stream
+from ..loss import sequence_nll
+
+
+def build_continuation_task(tokenizer, paths, n: int, context_tokens: int = 48, continuation_tokens: int = 12,
+                            choices: int = 4, seed: int = 0, nearby: int = 8) -> list[dict]:
+    """n records {prompt, choices, answer}: a passage, its true continuation and `choices - 1` continuations
+    taken from within `nearby` items of it in the same text (same topic, so the choice needs the context).
+    The margin format; {prompt, answer} rows made from it are the answer format."""
+    stream = token_stream(tokenizer, paths)
+    span = context_tokens + continuation_tokens
+    slots = len(stream) // span
+    if slots < max(n, 2 * nearby + 1):
+        raise ValueError(f"text has {len(stream)} tokens: {slots} items of {span} tokens, fewer than the {n} asked for")
+    gen = torch.Generator().manual_seed(seed)
+    bases = torch.randperm(slots, generator=gen)[:n].tolist()
+    rows = []
+    for base in bases:
+        near = [o for o in range(max(0, base - nearby), min(slots, base + nearby + 1)) if o != base]
+        others = [near[i] for i in torch.randperm(len(near), generator=gen)[:choices - 1].tolist()]
+        start = base * span
+        prompt = tokenizer.decode(stream[start:start + context_tokens])
+        true = tokenizer.decode(stream[start + context_tokens:start + span])
+        wrong = [tokenizer.decode(stream[o * span + context_tokens:(o + 1) * span]) for o in others]
+        answer = int(torch.randint(0, choices, (1,), generator=gen))
+        rows.append({"prompt": prompt, "choices": wrong[:answer] + [true] + wrong[answer:], "answer": answer})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, path, seq_len: int = 512, batch_size: int = 16) -> dict:
+    """Multiple-choice accuracy: the option with the highest total log-likelihood given the prompt
+    (lm-eval's `acc`), and with the highest per-token log-likelihood (`acc_norm`-style)."""
+    rows = read_jsonl(Path(path))
+    seqs, masks, owner = [], [], []
+    for i, r in enumerate(rows):
+        for choice in r["choices"]:
+            s, m = encode_pair(tokenizer, r["prompt"], choice, seq_len)
+            seqs.append(s), masks.append(m), owner.append(i)
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, mean = [], []
+    for b in range(0, len(seqs), batch_size):
+        chunk = list(range(b, min(b + batch_size, len(seqs))))
+        T = max(len(seqs[j]) for j in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        lm = torch.zeros_like(ids)
+        for r, j in enumerate(chunk):
+            ids[r, :len(seqs[j])] = torch.tensor(seqs[j])
+            att[r, :len(seqs[j])] = 1
+            lm[r, :len(seqs[j])] = torch.tensor(masks[j])
+        nll = sequence_nll(model, ids.to(dev), att.to(dev), lm.to(dev)).double().cpu()  # [B] mean over option
+        count = lm[:, 1:].sum(1).double()
+        mean += (-nll).tolist()
+        total += (-nll * count).tolist()
+    correct = correct_norm = 0
+    for i, r in enumerate(rows):
+        idx = [j for j, o in enumerate(owner) if o == i]
+        correct += int(max(range(len(idx)), key=lambda k: total[idx[k]]) == r["answer"])
+        correct_norm += int(max(range(len(idx)), key=lambda k: mean[idx[k]]) == r["answer"])
+    return {"task": Path(path).name, "items": len(rows), "accuracy": correct / len(rows),
+            "accuracy_norm": correct_norm / len(rows)}

@@ -1,0 +1,1 @@
+"""Cutting a slice out of an artifact: the compact model, its export, its description, the oracle."""

@@ -1,0 +1,156 @@
+"""Load a slice of an artifact as a physically smaller transformers model.
+
+Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
+read with positioned reads: kept rows straight into the compact tensor (only their bytes are read), a tensor
+with kept columns whole and then selected, so peak memory is the compact model plus one dense tensor and no
+mapping of the checkpoint stays behind. On CUDA the dense tensors are read whole onto the device and gathered
+there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes (several layers) in one launch for
+rows and one for columns. A slice that keeps everything is memory-mapped, as transformers does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..artifact import ArtifactError, load_artifact
+from ..layout import kept, select, source_indices, spread
+from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
+from ..plan import SlicePlan, plan_slice
+from .weights import WeightReader
+
+GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
+
+
+def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
+                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None) -> dict:
+    """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
+
+    CPU (default): positioned reads of the kept rows; tensors sliced by columns read whole, then selected.
+    on_device: dense tensors read whole onto the reader's device, and every `budget` bytes of them gathered
+    in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
+    indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
+    memory-mapped on the CPU as transformers loads a dense model."""
+    budget = GATHER_BUDGET if budget is None else budget
+    tied = set(_tied_keys(model))
+    metas = {k: v for k, v in model.state_dict().items() if k not in tied}  # tied: set by tie_weights after loading
+    sd: dict[str, torch.Tensor] = {}
+
+    def finish(key: str, t: torch.Tensor) -> None:
+        meta = metas[key]
+        if tuple(t.shape) != tuple(meta.shape):
+            raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, the slice needs "
+                                f"{tuple(meta.shape)}; the weights do not match the artifact's config")
+        sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
+
+    pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
+    held = 0
+    for key in metas:
+        rows, cols = source_indices(key, layouts, head_dim)
+        if not copy_mapped:
+            finish(key, reader.source(key))
+        elif on_device:
+            src = reader.source(key)
+            pending.append((key, src, rows, cols))
+            held += src.numel() * src.element_size()
+            if held >= budget:
+                _gather_round(pending, finish)
+                held = 0
+        elif rows is not None:
+            finish(key, spread(reader.read(key, kept(rows)), rows, 0))
+        elif cols is not None:
+            finish(key, select(reader.read(key), cols, 1))
+        else:
+            finish(key, reader.read(key))
+    _gather_round(pending, finish)
+    return sd
+
+
+def _gather_round(pending: list, finish) -> None:
+    """Gather the kept rows / columns of every pending tensor: one ragged launch per kind (and shared width)."""
+    from ..kernels import gather
+
+    jobs = {0: [], 1: []}
+    for key, src, rows, cols in pending:
+        dim, pos = (0, rows) if rows is not None else (1, cols)
+        real = [] if pos is None else kept(pos)
+        if pos is None or (len(pos) == len(real) and real == list(range(src.shape[dim]))):
+            finish(key, src)  # kept whole
+        elif src.dim() == 1:  # a bias: a few bytes, torch indexing
+            finish(key, select(src, pos, 0))
+        else:
+            jobs[dim].append((key, src, real, pos))
+    index: dict = {}  # one tensor per distinct kept list (gate/up, and q/k/v without GQA): the gather copies it once
+
+    def as_tensor(real: list) -> torch.Tensor:
+        key = tuple(real)
+        if key not in index:
+            index[key] = torch.tensor(real, dtype=torch.long)
+        return index[key]
+
+    for dim, fn in ((0, gather.gather_rows), (1, gather.gather_cols)):
+        if jobs[dim]:
+            got = fn([src for _, src, _, _ in jobs[dim]], [as_tensor(k) for _, _, k, _ in jobs[dim]])
+            for (key, _, _, pos), t in zip(jobs[dim], got):
+                finish(key, spread(t, pos, dim))
+    pending.clear()
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False):
+        return []
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return list(tied) if isinstance(tied, (dict, list, tuple, set)) else []
+
+
+def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
+         tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
+         attn_implementation: str | None = None, gather: str = "auto") -> nn.Module:
+    """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model;
+    `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
+    gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
+    CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
+    if not hasattr(artifact, "ranking"):
+        artifact = load_artifact(artifact)
+    if plan is None:
+        if sparsity is None:
+            raise ValueError("pass a sparsity or a plan")
+        plan = plan_slice(artifact.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
+    elif plan.shape != artifact.shape:
+        raise ValueError("the plan was made for a model of another shape than the artifact's")
+    if gather not in ("auto", "device"):
+        raise ValueError(f"gather={gather!r}: choose auto or device")
+    device = torch.device(device)
+    layouts = plan_layouts(plan)
+    config = compact_config(artifact.config, plan, dtype)
+    model = build_model(config, attn_implementation)
+    read_dev = "cpu" if device.type == "cpu" else str(device)
+    with WeightReader(artifact.weights_dir, read_dev) as reader:
+        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
+                             copy_mapped=plan.kept_params < plan.shape.total_params,
+                             on_device=device.type != "cpu" or gather == "device")
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    tied = _tied_keys(model)
+    if unexpected or set(missing) - set(tied):
+        raise ArtifactError(f"weights do not fit the slice: missing {sorted(set(missing) - set(tied))}, "
+                            f"unexpected {sorted(unexpected)}")
+    if missing:
+        model.tie_weights()
+    materialize_buffers(model, device)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ArtifactError(f"parameters left unloaded: {left}")
+    model.eval()
+    _load_generation_config(model, artifact.path)
+    return model
+
+
+def _load_generation_config(model, path: Path) -> None:
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+

@@ -1,0 +1,228 @@
+"""Load-time slicing: the compact model computes exactly what the oracle (dense, removed structures zeroed) does."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gisp_deploy.artifact import ArtifactError, load_artifact, write_artifact
+from gisp_deploy.families import ModelShape
+from gisp_deploy.slicing.weights import ShardFile
+from gisp_deploy.slicing.loader import load
+from gisp_deploy.pruning.methods import PruneConfig, prune
+from gisp_deploy.modeling import build_model, padding_params
+from gisp_deploy.plan import plan_slice
+from gisp_deploy.ranking import SparsityError
+from gisp_deploy.slicing.oracle import apply_oracle
+from tests.factory import (EXAMPLE_MODEL, FAMILIES, assert_matches, decoder_linear_params, dense_model, extreme_plans,
+                           hand_plan, probe_ids)
+
+
+
+
+# ---- every family, both units, several sparsities
+@pytest.mark.parametrize("unit", ["q_head", "kv_group"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_slices_match_oracle(sources, name, unit):
+    src = sources(name, unit)
+    ids = probe_ids()
+    for s in (0.0, 0.35, 0.7):
+        plan = plan_slice(src.artifact.ranking, s)
+        oracle, want = src.oracle(plan), None
+        for attn in ("eager", "sdpa"):  # both attention paths; generate on the default one (sdpa)
+            model = load(src.artifact, s, attn_implementation=attn)
+            assert model.config._attn_implementation == attn
+            want = assert_matches(model, oracle, ids, generate=attn == "sdpa", want=want)
+        assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+        specs = model.config.gisp_layers
+        for spec, lp, block in zip(specs, plan.layers, model.model.layers):
+            assert spec["kv_heads"] == len(lp.kv_heads) and spec["intermediate"] == len(lp.channels)
+            assert spec["q_heads"] == len(lp.q_heads) + len(spec["pad"])
+            if unit == "kv_group" or not src.shape.is_gqa:
+                assert spec["pad"] == []
+            if spec["q_heads"]:
+                assert block.self_attn.num_key_value_groups == spec["q_heads"] // spec["kv_heads"]
+        if s == 0:
+            assert decoder_linear_params(model) == src.shape.total_params and not any(sp["pad"] for sp in specs)
+
+
+# ---- layers that lose everything, uneven KV groups, hand-built plans
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_empty_layers_and_uneven_groups(sources, name):
+    src = sources(name)
+    shape = src.shape
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    for what, layers in extreme_plans(shape).items():
+        plan = hand_plan(shape, layers)
+        oracle, want = src.oracle(plan), None
+        for attn in ("eager", "sdpa"):
+            model = load(src.artifact, plan=plan, attn_implementation=attn)
+            want = assert_matches(model, oracle, probe_ids(), mask, want=want,
+                                  generate=attn == "sdpa" or what == "mixed")
+        pads = sum(len(sp["pad"]) for sp in model.config.gisp_layers)
+        assert decoder_linear_params(model) == plan.kept_params + pads * shape.q_head_params
+        if what == "mixed":
+            assert type(model.model.layers[0].self_attn).__name__ == "EmptyAttention"
+            assert type(model.model.layers[0].mlp).__name__ == "EmptyMLP"
+            expected = ({"q_heads": 4, "kv_heads": 2, "intermediate": 0, "pad": [3]} if shape.is_gqa else
+                        {"q_heads": 3, "kv_heads": 3, "intermediate": 0, "pad": []})
+            assert model.config.gisp_layers[1] == expected
+            assert pads == (1 if shape.is_gqa else 0)
+
+
+def test_group_of_four_padding_layout(sources):
+    """8 heads over 2 KV heads: keeping 3 + 1 pads group 1 with 2 zero heads; 1 + 4 pads group 0 with 3."""
+    src = sources("llama-gqa", num_attention_heads=8, num_key_value_heads=2)
+    shape = src.shape
+    plan = hand_plan(shape, [([0, 1, 2, 5], None), ([3, 4, 5, 6, 7], [1, 2]), ([], None), ([4], [])])
+    model = load(src.artifact, plan=plan)
+    assert [sp["q_heads"] for sp in model.config.gisp_layers] == [6, 8, 0, 1]
+    assert [sp["pad"] for sp in model.config.gisp_layers] == [[4, 5], [1, 2, 3], [], []]
+    assert decoder_linear_params(model) == plan.kept_params + 5 * shape.q_head_params
+    attn = model.model.layers[1].self_attn
+    hd = shape.head_dim
+    assert attn.num_key_value_groups == 4 and not attn.q_proj.weight[hd:4 * hd].any()
+    assert not attn.o_proj.weight[:, hd:4 * hd].any()
+    torch.testing.assert_close(attn.q_proj.weight[:hd], src.dense.model.layers[1].self_attn.q_proj.weight[3 * hd:4 * hd],
+                               atol=0, rtol=0)
+    assert_matches(model, src.oracle(plan), probe_ids())
+
+
+# ---- checkpoint variants: tied embeddings, bias everywhere, sharded bf16 weights of the example model
+def test_tied_embeddings_and_biases(sources):
+    src = sources("llama-gqa", tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    shape = src.shape
+    assert shape.o_bias and shape.mlp_bias and shape.q_bias
+    for plan in (plan_slice(src.artifact.ranking, 0.4), hand_plan(shape, extreme_plans(shape)["mixed"])):
+        model = load(src.artifact, plan=plan)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+        assert_matches(model, src.oracle(plan), probe_ids())
+
+
+def test_sliding_window_cache_with_empty_layers(sources):
+    """Mistral with a window shorter than prompt + generation: the cache stub of an attention-less layer
+    must keep the sliding-window bookkeeping right."""
+    src = sources("mistral-gqa", sliding_window=5)
+    for layers in extreme_plans(src.shape).values():
+        plan = hand_plan(src.shape, layers)
+        assert_matches(load(src.artifact, plan=plan), src.oracle(plan), probe_ids(2, 9))
+
+
+def test_sharded_bf16_example_model(tmp_path):
+    """The real example model: 3 shards + index, bf16, weights referenced not copied."""
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(EXAMPLE_MODEL))
+    ranking = prune(None, shape, None, PruneConfig(method="random", max_sparsity=0.5))
+    art = load_artifact(write_artifact(tmp_path / "a", EXAMPLE_MODEL, ranking, {"method": "random"},
+                                       copy_weights=False))
+    plan = plan_slice(art.ranking, 0.4)
+    model = load(art, 0.4, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
+    with safe_open(str(EXAMPLE_MODEL / "model-00001-of-00003.safetensors"), framework="pt") as f:
+        name = next(k for k in f.keys() if k.endswith("mlp.down_proj.weight"))
+        layer = int(name.split(".")[2])
+        want = f.get_tensor(name)[:, list(plan.layers[layer].channels)]
+    assert torch.equal(model.get_submodule(name.rsplit(".", 1)[0]).weight, want)  # gathers are bit-exact
+    fp32 = load(art, plan=plan)
+    oracle = dense_model(EXAMPLE_MODEL)
+    apply_oracle(oracle, plan)
+    assert_matches(fp32, oracle, probe_ids(1, 8), atol=1e-4)  # logits of a trained model are ~10
+
+
+# ---- the config round-trips: the next step exports it as config.json
+def test_config_roundtrip(sources, tmp_path):
+    from transformers import AutoConfig
+
+    src = sources("qwen2-gqa")
+    plan = hand_plan(src.shape, extreme_plans(src.shape)["mixed"])
+    model = load(src.artifact, plan=plan)
+    assert json.loads(model.config.to_json_string())["gisp_layers"] == model.config.gisp_layers
+    model.config.save_pretrained(tmp_path)
+    rebuilt = build_model(AutoConfig.from_pretrained(tmp_path))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---- gathers and errors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_file_reads_rows_exactly(tmp_path, dtype):
+    w = torch.randn(40, 100).to(dtype)
+    b = torch.randn(40).to(dtype)
+    save_file({"w": w, "b": b, "i": torch.arange(7)}, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(0)
+    cases = [[], [5], list(range(10, 20)), sorted(torch.randperm(40, generator=g)[:17].tolist()), [9, 3, 4, 5, 0],
+             list(range(40))]
+    with ShardFile(tmp_path / "t.safetensors") as f:
+        assert set(f.keys()) == {"w", "b", "i"}
+        assert torch.equal(f.read("w"), w) and torch.equal(f.read("i"), torch.arange(7))
+        for idx in cases:
+            t = torch.tensor(idx, dtype=torch.long)
+            assert torch.equal(f.read("w", idx), w[t]) and torch.equal(f.read("b", idx), b[t])
+        with pytest.raises(IndexError):
+            f.read("w", [39, 40])
+
+
+def test_shard_file_refuses_truncated_and_foreign_files(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    for name, message in (("cut", "truncated"), ("junk", "not a safetensors file"), ("pickle", "not a safetensors")):
+        with pytest.raises(ArtifactError, match=message):
+            ShardFile(tmp_path / f"{name}.safetensors")
+
+
+@pytest.mark.parametrize("name", ["qwen2-gqa", "llama-mha", "qwen3-gqa"])
+def test_device_gathers_equal_positioned_reads(sources, name, monkeypatch):
+    """The CUDA load path (dense tensors read whole, ragged kernel gathers over several layers per launch), run
+    here on CPU tensors through Triton's interpreter: the same state dict, bit for bit, as the CPU path, with
+    empty layers, padded groups and biases; the whole model in one launch per kind, or one round per budget."""
+    gather = pytest.importorskip("gisp_deploy.kernels.gather")
+    if not (gather.HAS_TRITON and gather.interpreting()):
+        pytest.skip("needs triton (run under TRITON_INTERPRET=1, as tests/conftest.py sets)")
+    from gisp_deploy.slicing import loader
+
+    src = sources(name)
+    calls = []
+    for fn in ("gather_rows", "gather_cols"):
+        real = getattr(gather, fn)
+        monkeypatch.setattr(gather, fn, lambda ws, ks, _real=real, _fn=fn, **kw: calls.append((_fn, len(ws)))
+                            or _real(ws, ks, **kw))
+    plans = [hand_plan(src.shape, layers) for layers in extreme_plans(src.shape).values()]
+    plans.append(plan_slice(src.artifact.ranking, 0.4))
+    for plan in plans:
+        want = load(src.artifact, plan=plan).state_dict()
+        calls.clear()
+        got = load(src.artifact, plan=plan, gather="device").state_dict()
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        assert [fn for fn, _ in calls] in (["gather_rows", "gather_cols"], ["gather_rows"], ["gather_cols"], [])
+    calls.clear()
+    monkeypatch.setattr(loader, "GATHER_BUDGET", 1)  # every tensor its own round: as many launches as tensors
+    plan = plans[-1]
+    got = load(src.artifact, plan=plan, gather="device").state_dict()
+    assert len(calls) > 2 * src.shape.num_layers and all(n == 1 for _, n in calls)
+    for key, t in load(src.artifact, plan=plan).state_dict().items():
+        assert torch.equal(got[key], t), key
+    with pytest.raises(ValueError, match="choose auto or device"):
+        load(src.artifact, plan=plan, gather="gpu")
+
+
+def test_errors_and_lazy_export(sources):
+    import gisp_deploy
+
+    assert gisp_deploy.load is load
+    src = sources("llama-gqa")
+    with pytest.raises(SparsityError, match="beyond what this artifact covers"):
+        load(src.artifact, 0.9)
+    with pytest.raises(ValueError, match="sparsity or a plan"):
+        load(src.artifact)
+    model = load(str(src.artifact.path), 0.3)  # a path works too
+    assert not model.training and model.generation_config.pad_token_id == 2
