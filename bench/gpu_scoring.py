@@ -40,9 +40,9 @@ from gisp_deploy.data import Calibration
 from gisp_deploy.families import ModelShape
 from gisp_deploy.pruning.methods import PruneConfig, PruneState, Remover
 from gisp_deploy.pruning.objectives import LeadingCache, fit_batch_size, objective_gradient
-from gisp_deploy.ranking import CHANNEL, HEAD
 from gisp_deploy.pruning.scoring import normalize, scores_kv
 from gisp_deploy.pruning.shrinking import ShrinkingModel
+from gisp_deploy.ranking import CHANNEL, HEAD
 
 REFERENCE = {"steps": 112, "samples": 2000, "seq_len": 256, "final_sparsity": 0.7}
 

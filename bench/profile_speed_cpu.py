@@ -12,9 +12,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import torch
 from vllm import LLM, SamplingParams
 from gisp_deploy.artifact import load_artifact
+from gisp_deploy.benchmark.speed import dense_model_dir
 from gisp_deploy.serving.launch import vllm_overrides
 from gisp_deploy.serving.process import staged_model_dir
-from gisp_deploy.benchmark.speed import dense_model_dir
 from pathlib import Path
 s = float(sys.argv[1]); cm = int(sys.argv[2])
 art = load_artifact("/tmp/gisp-load-bench/random-1.5b-artifact")

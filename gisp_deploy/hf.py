@@ -6,16 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactError, weight_files
+from .artifact import ArtifactError, check_weights_dir
+from .integrity import refuse_remote_code
 
-# Every dtype name a command accepts (vLLM's spellings too), and the safetensors header codes the loader reads.
+# Every dtype name a command accepts (vLLM's spellings too); the safetensors codes are safetensors_file.py's.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                      "F8_E5M2": torch.float8_e5m2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
@@ -53,8 +50,9 @@ def load_tokenizer(model_dir: Path):
             and not any(model_dir.glob("*.tiktoken")):
         raise ArtifactError(f"{model_dir}: no tokenizer (tokenizer.json or tokenizer.model, with "
                             "tokenizer_config.json); copy the tokenizer files of the source model into it")
+    refuse_remote_code(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as e:
         detail = " ".join(str(e).split())[:160]  # one line: transformers' messages span several
         raise ArtifactError(f"{model_dir}: cannot load a tokenizer ({type(e).__name__}: {detail}); the directory "
@@ -62,12 +60,14 @@ def load_tokenizer(model_dir: Path):
                             "model has them") from None
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
-    """The dense model of a directory through transformers, safetensors only."""
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, links_may_leave: bool = False):
+    """The dense model of a directory through transformers: safetensors only, no code, nothing outside it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    weight_files(model_dir)  # refuses pickle-only checkpoints before transformers sees them
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    check_weights_dir(model_dir, links_may_leave)
+    refuse_remote_code(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False)
     return model.to(device).eval()

@@ -85,6 +85,16 @@ class RemovalCounter:
         self.heads_left[layer, group] -= 1
         return self.head_cost + (self.shape.kv_head_params if self.heads_left[layer, group] == 0 else 0)
 
+    def costs(self, layer: np.ndarray, kind: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """What `remove` returns for each structure of a whole order, removed from nothing, vectorised."""
+        out = np.where(kind == CHANNEL, self.channel_cost, self.head_cost).astype(np.int64)
+        if self.unit == "q_head" and self.shape.group_size > 1:
+            heads = np.nonzero(kind == HEAD)[0]
+            group = layer[heads] * self.shape.num_kv_heads + index[heads] // self.shape.group_size
+            _, last = np.unique(group[::-1], return_index=True)  # each group's last head frees its KV head
+            out[heads[len(heads) - 1 - last]] += self.shape.kv_head_params
+        return out
+
     def peek(self, layer: int, kind: int, index: int) -> int:
         if kind == HEAD and self.unit == "q_head" and self.shape.group_size > 1:
             group = index // self.shape.group_size
@@ -115,6 +125,15 @@ class Ranking:
         for name in ("kind", "index", "step", "score", "params"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"ranking column {name!r} has {len(getattr(self, name))} entries, expected {n}")
+        units = units_per_layer(self.shape, self.unit)
+        bound = np.where(self.kind == HEAD, units, self.shape.intermediate)
+        bad = np.nonzero((self.layer < 0) | (self.layer >= self.shape.num_layers) | ~np.isin(self.kind, (HEAD, CHANNEL))
+                         | (self.index < 0) | (self.index >= bound))[0]
+        if len(bad):
+            j = int(bad[0])
+            raise ValueError(f"entry {j} (layer {self.layer[j]}, kind {self.kind[j]}, index {self.index[j]}) is outside "
+                             f"the model's {self.shape.num_layers} layers x {units} attention units / "
+                             f"{self.shape.intermediate} channels")
         key = (self.layer.astype(np.int64) * 2 + self.kind) * (max(per_layer, 1) + 1) + self.index
         if len(np.unique(key)) != n:
             raise ValueError("ranking lists some structure twice; the artifact is corrupt")
@@ -177,13 +196,20 @@ class Ranking:
         missing = {"layer", "kind", "index", "step", "score", "params"} - set(t)
         if missing or "num_covered" not in meta or "unit" not in meta:
             raise ValueError(f"{path}: not a gisp-deploy ranking (missing {sorted(missing) or 'metadata'})")
-        return cls(
+        ranking = cls(
             shape=shape, unit=meta["unit"],
             layer=t["layer"].numpy().astype(np.int64), kind=t["kind"].numpy().astype(np.int64),
             index=t["index"].numpy().astype(np.int64), step=t["step"].numpy().astype(np.int64),
             score=t["score"].numpy().astype(np.float64), params=t["params"].numpy().astype(np.int64),
             num_covered=int(meta["num_covered"]),
         )
+        want = RemovalCounter(shape, ranking.unit).costs(ranking.layer, ranking.kind, ranking.index)
+        wrong = np.nonzero(want != ranking.params)[0]
+        if len(wrong):  # the achieved sparsity of every slice is summed from this column
+            j = int(wrong[0])
+            raise ValueError(f"entry {j} says it frees {ranking.params[j]} parameters, the model's shapes say "
+                             f"{want[j]}: the params column does not match the model")
+        return ranking
 
 
 def build_ranking(shape: ModelShape, unit: str, removed: list[tuple[int, int, int, int, float]],

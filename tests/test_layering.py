@@ -130,3 +130,15 @@ def test_the_rule_catches_a_wrong_import(tmp_path, monkeypatch):
     assert "nothing imports the CLI" in str(e.value)
     with pytest.raises(AssertionError, match="imports _hidden from gisp_deploy.layout"):
         test_no_private_name_crosses_a_file()
+
+
+def test_test_modules_share_helpers_only_through_the_factory():
+    tests = Path(__file__).resolve().parent
+    wrong = []
+    for f in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            wrong += [f"{f.relative_to(tests)} imports {n}" for n in names
+                      if n.split(".")[0] == "tests" and n != "tests.factory" or n.split(".")[0].startswith("test_")]
+    assert not wrong, "\n".join(wrong)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from gisp_deploy.families import ModelShape
-from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.plan import plan_slice
+from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.ranking import CHANNEL, HEAD, Ranking, SparsityError, parse_sparsities
 from tests.factory import make_model_dir
 

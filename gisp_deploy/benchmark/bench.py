@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from ..artifact import load_artifact
-from ..ranking import parse_sparsities
-from ..quality.evaluate import measure_quality, slice_identity, text_streams
-from ..slicing.loader import load
-from ..plan import plan_slice
 from ..hf import dtype_bytes, load_tokenizer
+from ..plan import plan_slice
+from ..quality.evaluate import measure_quality, slice_identity, text_streams
+from ..ranking import parse_sparsities
 from ..serving.summary import slice_summary
+from ..slicing.loader import load
 from .speed import SpeedConfig, measure
 
 
@@ -40,6 +40,7 @@ class BenchConfig:
     tp_size: int = 1
     channel_multiple: int = 1
     speed: SpeedConfig | None = None
+    verify: bool = True  # every file against the manifest before use (once per machine: integrity.py)
 
     def __post_init__(self):
         if 0.0 not in self.sparsities:
@@ -84,7 +85,7 @@ class Bench:
 
     def validate(self, paths) -> list:
         """Load every artifact and plan every slice before measuring anything, so bad input fails at once."""
-        arts = [load_artifact(p) for p in paths]
+        arts = [load_artifact(p, verify=self.cfg.verify) for p in paths]
         for art in arts:
             for s in self.cfg.sparsities:
                 plan_slice(art.ranking, s, tp_size=self.cfg.tp_size, channel_multiple=self.cfg.channel_multiple)
@@ -128,7 +129,7 @@ class Bench:
         """The slice's size record (with its load time), its quality records and (with speed) its speed records."""
         cfg = self.cfg
         summary = slice_summary(art.path, plan.sparsity, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple,
-                                dtype=cfg.serve_dtype)
+                                dtype=cfg.serve_dtype, verify=False)  # `art` was verified when loaded
         t = time.perf_counter()
         model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype)
         if str(cfg.device).startswith("cuda"):
@@ -201,7 +202,8 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
           max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
           serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
           batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, eager: bool = False,
-          out="gisp-bench", plots: bool = True, command: str = "bench", progress=None, log=print):
+          out="gisp-bench", plots: bool = True, command: str = "bench", verify: bool = True, progress=None,
+          log=print):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
     Returns (records, paths written). Sparsities, seq_lens and batch_sizes: comma-separated or sequences."""
@@ -224,7 +226,7 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
                       seq_lens=_ints(seq_lens, "--seq-lens"), tasks=tuple(map(str, tasks)),
                       max_tokens=max_tokens or None, batch_size=batch_size, device=str(dev),
                       dtype=pick_dtype(dtype, dev), serve_dtype=serve_dtype, tp_size=tp_size,
-                      channel_multiple=channel_multiple, speed=speed_cfg)
+                      channel_multiple=channel_multiple, speed=speed_cfg, verify=verify)
     meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
             "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
             "speed": speed_cfg.__dict__ if speed_cfg else None}

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
-                     task_option, text_option)
+                     task_option, text_option, verify_option)
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -56,6 +56,7 @@ def bench(
     out: Path = typer.Option(Path("gisp-bench"), "--out", help="Directory for results.json, report.md and plots "
                              "(created; files in it are replaced)."),
     plots: bool = typer.Option(True, help="Write PNG plots."),
+    verify: bool = verify_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -71,7 +72,7 @@ def bench(
                                max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
                                serve_dtype=serve_dtype, tp_size=tp_size, channel_multiple=channel_multiple,
                                speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
-                               repeats=repeats, eager=eager, out=out, plots=plots, command=command,
+                               repeats=repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
                                progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m))
     if not records:
         return

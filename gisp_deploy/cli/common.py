@@ -59,6 +59,17 @@ def task_option() -> List[Path]:
                         "for several.")
 
 
+def verify_option() -> bool:
+    return typer.Option(True, "--verify/--no-verify", help="Check every file of the artifact against the sha256 its "
+                        "manifest records before use (a file verified on this machine and unchanged since is not "
+                        "read again); --no-verify skips the check.")
+
+
+def expect_digest_option():
+    return typer.Option(None, help="Refuse the artifact unless its manifest has this sha256 (as `gisp-deploy "
+                        "check` prints it): deploy exactly what CI checked.")
+
+
 def max_tokens_option() -> int:
     return typer.Option(65536, help="Use the first N tokens of each text (0: all).")
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .common import (batch_size_option, channel_multiple_option, console, device_option, dtype_option,
-                     max_tokens_option, progress_bar, task_option, text_option, tp_size_option)
+                     max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
@@ -39,6 +39,7 @@ def eval_(
     tp_size: int = tp_size_option(),
     channel_multiple: int = channel_multiple_option(),
     as_json: bool = typer.Option(False, "--json", help="Print {\"results\": [...]} as JSON on stdout."),
+    verify: bool = verify_option(),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact."""
     from ..artifact import load_artifact
@@ -49,7 +50,7 @@ def eval_(
 
     if not text and not task:
         raise ValueError("nothing to evaluate: pass --text FILE (perplexity) and/or --task FILE.jsonl (accuracy)")
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, verify=verify)
     sps = parse_sparsities(sparsity)
     for s in sps:  # refuse out-of-coverage or unroundable sparsities before loading anything
         plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import console, say
+from .common import console, expect_digest_option, say, verify_option
 
 SERVE_EXAMPLES = """
 [bold]Examples[/]
@@ -39,13 +39,15 @@ def serve(
     served_model_name: Optional[str] = typer.Option(None, help="Model name clients ask for (default: "
                                                     "ARTIFACT-NAME@SPARSITY, or the export's directory name)."),
     vllm_args: Optional[List[str]] = typer.Argument(None, help="Further vLLM server arguments, after --."),
+    verify: bool = verify_option(),
+    expect_digest: Optional[str] = expect_digest_option(),
 ):
     """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models)."""
     from ..serving.launch import serve as run
 
     rc = run(artifact, sparsity, host=host, port=port, tensor_parallel_size=tensor_parallel_size,
              channel_multiple=channel_multiple, served_model_name=served_model_name, vllm_args=vllm_args or (),
-             log=say)
+             verify=verify, expect_digest=expect_digest, log=say)
     if rc:
         console.print(f"[bold red]error:[/] the vLLM server exited with status {rc} (its log is above)")
         raise typer.Exit(rc if 0 < rc < 256 else 1)

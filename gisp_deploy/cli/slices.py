@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import channel_multiple_option, console, tp_size_option
+from .common import channel_multiple_option, console, expect_digest_option, tp_size_option, verify_option
 
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
@@ -37,7 +37,7 @@ def inspect(
     from ..ranking import parse_sparsities
     from ..slicing.inspection import describe, plot_widths
 
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, weights=False)  # what it describes is all metadata
     sps = parse_sparsities(sparsity) if sparsity else default_sparsities(art.ranking.coverage)
     info = describe(art, sps)
     if as_json:
@@ -114,13 +114,15 @@ def export(
     channel_multiple: int = channel_multiple_option(),
     dtype: str = typer.Option("auto", help="auto (the source checkpoint's) | float32 | bfloat16 | float16."),
     overwrite: bool = typer.Option(False, help="Replace an existing directory at --out."),
+    verify: bool = verify_option(),
+    expect_digest: Optional[str] = expect_digest_option(),
 ):
     """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
     per-layer sizes) that AutoModelForCausalLM loads."""
     from ..slicing.export import export_slice
 
     summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
-                           overwrite=overwrite)
+                           overwrite=overwrite, verify=verify, expect_digest=expect_digest)
     console.print(
         f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g} "
         f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "

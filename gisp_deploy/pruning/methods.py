@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from ..data import Calibration
-from .distributed import Ranks
 from ..families import ModelShape
-from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
 from ..ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
+from .distributed import Ranks
+from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
 from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, scores_kv,
                       wanda_scores, zero_structure)
 from .shrinking import ShrinkingModel

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import weight_files
+from ..artifact import check_weights_dir
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 GRAD_BYTES = 4  # the fp32 gradient sum kept next to each scored weight
@@ -30,7 +30,8 @@ def plan_placement(model_dir: Path, dtype: torch.dtype, strategy: str, max_memor
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=False),
+                                                dtype=dtype)
     share = dtype.itemsize / (dtype.itemsize + GRAD_BYTES)
     if max_memory is None:
         max_memory = {k: int(v * share * (1 - ACTIVATION_SHARE if k != "cpu" else 1))
@@ -54,12 +55,13 @@ def load_placed(model_dir: Path, dtype: torch.dtype, placement: dict):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    weight_files(model_dir)
+    check_weights_dir(model_dir, links_may_leave=True)
     if "cpu" not in placement.values():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
-                                                     device_map=placement)
+                                                     device_map=placement, trust_remote_code=False)
     else:  # transformers would offload the CPU part (weights on meta, no gradients): dispatch it ourselves
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
         quiet = logging.getLogger("accelerate.big_modeling")  # it warns of offloading whenever "cpu" is named
         level = quiet.level
         quiet.setLevel(logging.ERROR)

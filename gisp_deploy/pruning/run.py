@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import time
@@ -11,11 +12,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifact import (ArtifactError, WriteError, ensure_writable_parent, resolve_model_dir, sweep_stale,
-                        weight_files, write_artifact)
+from ..artifact import (ArtifactError, WriteError, check_weights_dir, ensure_writable_parent, output_lock,
+                        refuse_destination, resolve_model_dir, sweep_stale, write_artifact)
 from ..data import load_calibration
 from ..families import ModelShape
 from ..hf import load_model, load_tokenizer, pick_device, pick_dtype
+from ..integrity import refuse_remote_code
 from .distributed import Ranks
 from .methods import ComputeOptions, PruneConfig, prune as rank_structures
 from .objectives import fit_batch_size, scored_weights
@@ -57,10 +59,19 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary.
     `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory);
     under torchrun (compute.ranks) every process scores its share of the sequences and rank 0 writes."""
-    t0 = time.perf_counter()
     out, ranks = Path(out), compute.ranks
-    _check_out(out, overwrite, ranks, device, device_map)
+    with output_lock(out) if ranks.is_main else contextlib.nullcontext():
+        return _run(model, calib_paths, out, cfg, device=device, dtype=dtype, device_map=device_map,
+                    compute=compute, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
+                    on_pass=on_pass, log=log)
+
+
+def _run(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device, dtype, device_map,
+         compute: ComputeOptions, resume: bool, overwrite: bool, copy_weights: bool, on_pass, log) -> dict:
+    t0 = time.perf_counter()
+    ranks = compute.ranks
     model_dir, shape = _source(model)
+    _check_out(out, overwrite, ranks, device, device_map, model_dir)
     dev = ranks.device(pick_device(device))
     dt = pick_dtype(dtype, dev)
     ranks.start(dev)
@@ -77,7 +88,7 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
         log(f"layers placed with accelerate ({device_map}): {describe_placement(placement)}")
         dense = load_placed(model_dir, dt, placement)
     else:
-        dense = load_model(model_dir, dev, dt)
+        dense = load_model(model_dir, dev, dt, links_may_leave=True)
     run_cfg = _fit_batch(cfg, dense, shape, calib, ranks, log)
     tokens = TokenCount(on_pass)
     ranking = rank_structures(dense, shape, calib, run_cfg, state=state, on_step=progress.checkpoint,
@@ -96,8 +107,9 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
             "tokens_per_s": scored / max(elapsed, 1e-9)}
 
 
-def _check_out(out: Path, overwrite: bool, ranks: Ranks, device, device_map) -> None:
-    """Refuse what cannot work before any loading: conflicting options, an existing or unwritable --out."""
+def _check_out(out: Path, overwrite: bool, ranks: Ranks, device, device_map, model_dir: Path) -> None:
+    """Refuse what cannot work before any loading: conflicting options, an existing or unwritable --out, one
+    whose writing would destroy the source model (or anything but an earlier artifact)."""
     if ranks.world > 1 and device_map is not None:
         raise ValueError("--device-map places one model over several GPUs in one process; under torchrun each "
                          "process holds a whole model: use one or the other")
@@ -108,6 +120,7 @@ def _check_out(out: Path, overwrite: bool, ranks: Ranks, device, device_map) -> 
         drop_finished_progress(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    refuse_destination(out, [model_dir], overwrite, "artifact")
     ensure_writable_parent(out)  # before any work: the progress directory and the artifact go next to it
 
 
@@ -116,9 +129,10 @@ def _source(model: str) -> tuple[Path, ModelShape]:
     from transformers import AutoConfig
 
     model_dir = resolve_model_dir(model)
-    weight_files(model_dir)
+    check_weights_dir(model_dir, links_may_leave=True)  # a Hugging Face cache snapshot links to its blobs
+    refuse_remote_code(model_dir)
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (ValueError, KeyError) as e:
         raise ArtifactError(f"{model_dir}: cannot read config.json ({str(e)[:200]})") from None
     return model_dir, ModelShape.from_config(config)

@@ -10,9 +10,9 @@ import torch
 from ..data import token_stream
 from ..hf import load_model
 from ..loss import sequence_nll
+from ..plan import plan_slice
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
-from ..plan import plan_slice
 from .tasks import task_accuracy
 
 
@@ -75,7 +75,8 @@ def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), 
     streams = text_streams(tokenizer, texts, max_tokens)
     slicer = None
     if path == "oracle":
-        slicer = OracleSlicer(load_model(artifact.weights_dir, torch.device(device), dtype))
+        slicer = OracleSlicer(load_model(artifact.weights_dir, torch.device(device), dtype,
+                                         links_may_leave=not artifact.manifest["weights"]["copied"]))
     records = []
     for s in sparsities:
         plan = plan_slice(artifact.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)

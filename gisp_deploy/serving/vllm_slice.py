@@ -59,14 +59,14 @@ def _dense_head_dim(config) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _artifact_slice(artifact: str, sparsity: float, tp_size: int, channel_multiple: int) -> VllmSlice:
+def _artifact_slice(artifact: str, sparsity: float, tp_size: int, channel_multiple: int, verify: bool) -> VllmSlice:
     from safetensors import safe_open
 
     from ..artifact import RANKING, load_artifact
     from ..modeling import plan_layouts
     from ..plan import plan_slice
 
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, verify=verify)
     with safe_open(str(Path(artifact) / RANKING), framework="pt") as f:  # vLLM reads every *.safetensors file
         skip = frozenset(f.keys())
     plan = plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
@@ -93,7 +93,8 @@ def slice_for(vllm_config) -> VllmSlice:
     elif sparsity is not None:
         artifact = str(Path(getattr(config, "gisp_artifact", None) or model_config.model).resolve())
         sl = _artifact_slice(artifact, float(sparsity), int(getattr(config, "gisp_tp_size", None) or tp),
-                             int(getattr(config, "gisp_channel_multiple", None) or 1))
+                             int(getattr(config, "gisp_channel_multiple", None) or 1),
+                             bool(getattr(config, "gisp_verify", True)))
         if sl.head_dim != _dense_head_dim(config):
             raise GispConfigError(f"the artifact {artifact} has head size {sl.head_dim}, the config vLLM loaded "
                                   f"{_dense_head_dim(config)}: point vLLM at the artifact's own directory")

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__, modeling
+from ..artifact import (MANIFEST, ArtifactError, atomic_dir, ensure_writable_parent, load_artifact, output_lock,
+                        refuse_destination, side_files, sweep_stale)
 from ..hf import DTYPES
-from ..artifact import (MANIFEST, ArtifactError, atomic_dir, ensure_writable_parent, load_artifact, side_files,
-                       sweep_stale)
-from .loader import load
+from ..integrity import inside
 from ..plan import SlicePlan, plan_slice
 from ..ranking import SparsityError, parse_sparsities
+from .loader import load
 
 REMOTE_CODE_FILE = "modeling_gisp.py"
 MAX_SHARD_SIZE = "5GB"
@@ -53,27 +54,27 @@ def _copied_side_files(artifact_dir: Path) -> list[Path]:
     """Tokenizer, generation config and other small files; not the dense config, the manifest or an index of
     the dense weights, nor anything that would shadow the files the export writes."""
     own = {"config.json", MANIFEST, REMOTE_CODE_FILE}
-    return [f for f in side_files(artifact_dir) if f.name not in own and not f.name.endswith(".index.json")]
+    return [inside(artifact_dir, f.name, "side file") for f in side_files(artifact_dir)  # no link leaves it
+            if f.name not in own and not f.name.endswith(".index.json")]
 
 
 def _check_out(out: Path, art, overwrite: bool) -> None:
-    target = out.resolve()
-    for keep in {art.path.resolve(), Path(art.weights_dir).resolve()}:
-        if target == keep or target in keep.parents:
-            raise ArtifactError(f"--out {out} would replace {keep}, which the export reads; choose another --out")
+    refuse_destination(out, {art.path, Path(art.weights_dir)}, overwrite, "export")
     ensure_writable_parent(out)  # before the slice is built
 
 
 def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePlan | None = None, tp_size: int = 1,
                  channel_multiple: int = 1, dtype="auto", overwrite: bool = False,
-                 max_shard_size: str | int = MAX_SHARD_SIZE) -> dict:
+                 max_shard_size: str | int = MAX_SHARD_SIZE, verify: bool = True,
+                 expect_digest: str | None = None) -> dict:
     """Write the slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) to `out` as a Hugging
     Face model directory (see the module docstring); returns a summary."""
     out = Path(out)
     sweep_stale(out)  # what an export killed mid-way left next to `out`
     if out.exists() and not overwrite:  # before anything is loaded
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
-    art = artifact if hasattr(artifact, "ranking") else load_artifact(artifact)
+    art = artifact if hasattr(artifact, "ranking") else load_artifact(artifact, verify=verify,
+                                                                      expect_digest=expect_digest)
     if plan is None:
         if sparsity is None:
             raise SparsityError("pass a sparsity, e.g. --sparsity 0.4")
@@ -100,7 +101,7 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
         "source": str(art.path.resolve()), "method": art.manifest.get("method"),
         "ranking_sha256": art.manifest.get("ranking_sha256"), "gisp_deploy": __version__,
     }
-    with atomic_dir(out, overwrite) as tmp:
+    with output_lock(out), atomic_dir(out, overwrite, kind="export") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         for f in _copied_side_files(art.path):
             shutil.copy2(f, tmp / f.name)  # verbatim, replacing what save_pretrained derived (generation config)

@@ -107,13 +107,14 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
          tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
-         attn_implementation: str | None = None, gather: str = "auto") -> nn.Module:
+         attn_implementation: str | None = None, gather: str = "auto", verify: bool = True,
+         expect_digest: str | None = None) -> nn.Module:
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`) as a compact model;
     `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
     gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
     CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
-    if not hasattr(artifact, "ranking"):
-        artifact = load_artifact(artifact)
+    if not hasattr(artifact, "ranking"):  # an Artifact object was verified when it was loaded
+        artifact = load_artifact(artifact, verify=verify, expect_digest=expect_digest)
     if plan is None:
         if sparsity is None:
             raise ValueError("pass a sparsity or a plan")
@@ -127,7 +128,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     config = compact_config(artifact.config, plan, dtype)
     model = build_model(config, attn_implementation)
     read_dev = "cpu" if device.type == "cpu" else str(device)
-    with WeightReader(artifact.weights_dir, read_dev) as reader:
+    from_source = not artifact.manifest["weights"]["copied"]
+    with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader:
         sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
                              copy_mapped=plan.kept_params < plan.shape.total_params,
                              on_device=device.type != "cpu" or gather == "device")

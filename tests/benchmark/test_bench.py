@@ -9,12 +9,12 @@ import torch
 
 from gisp_deploy.artifact import write_artifact
 from gisp_deploy.benchmark.bench import Bench, BenchConfig, weight_read_params
-from gisp_deploy.data import token_stream
-from gisp_deploy.quality.evaluate import perplexity
-from gisp_deploy.families import ModelShape
-from gisp_deploy.pruning.methods import PruneConfig, prune
-from gisp_deploy.hf import load_tokenizer
 from gisp_deploy.benchmark.speed import SpeedConfig
+from gisp_deploy.data import token_stream
+from gisp_deploy.families import ModelShape
+from gisp_deploy.hf import load_tokenizer
+from gisp_deploy.pruning.methods import PruneConfig, prune
+from gisp_deploy.quality.evaluate import perplexity
 from tests.factory import EXAMPLE_HELDOUT, ROOT, make_model_dir
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

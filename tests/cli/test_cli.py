@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,12 @@ def test_artifact_layout_and_manifest(artifact):
     names = {p.name for p in artifact.iterdir()}
     assert {"config.json", "tokenizer.json", "model.safetensors", MANIFEST, RANKING} <= names
     m = json.loads((artifact / MANIFEST).read_text())
-    assert m["format_version"] == 1 and m["method"] == "gisp" and m["unit"] == "q_head"
+    assert m["format_version"] == 2 and m["method"] == "gisp" and m["unit"] == "q_head"
+    assert set(m["files"]) == names - {MANIFEST}  # the manifest covers every other file of the artifact
+    mode = (artifact / RANKING).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # like every other file written, not 0600
     assert m["calibration"]["samples"] == 4 and len(m["calibration"]["sha256"]) == 64
     assert set(m["versions"]) >= {"gisp_deploy", "torch", "transformers"}
     assert m["coverage"] >= 0.5 and m["weights"]["sha256"]["model.safetensors"]

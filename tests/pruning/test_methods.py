@@ -13,11 +13,11 @@ from safetensors import safe_open
 from gisp_deploy.artifact import load_artifact
 from gisp_deploy.data import load_calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.pruning.methods import METHODS, ComputeOptions, PruneConfig, prune
 from gisp_deploy.plan import plan_slice
-from gisp_deploy.ranking import CHANNEL
+from gisp_deploy.pruning.methods import METHODS, ComputeOptions, PruneConfig, prune
 from gisp_deploy.pruning.progress import partial_dir
 from gisp_deploy.pruning.run import run_prune
+from gisp_deploy.ranking import CHANNEL
 from tests.factory import CALIB_TEXT, EXAMPLE_MODEL, FAMILIES, make_model_dir
 
 

@@ -6,13 +6,13 @@ import torch
 
 from gisp_deploy.data import load_calibration
 from gisp_deploy.families import ModelShape
+from gisp_deploy.plan import LayerPlan, SlicePlan, kept_structures
 from gisp_deploy.pruning.methods import ComputeOptions, PruneConfig, prune
 from gisp_deploy.pruning.objectives import objective_gradient, scored_weights
-from gisp_deploy.plan import LayerPlan, SlicePlan, kept_structures
-from gisp_deploy.ranking import CHANNEL, HEAD
-from gisp_deploy.slicing.oracle import apply_oracle
 from gisp_deploy.pruning.scoring import gradient_scores, scores_kv
 from gisp_deploy.pruning.shrinking import ShrinkingModel
+from gisp_deploy.ranking import CHANNEL, HEAD
+from gisp_deploy.slicing.oracle import apply_oracle
 from tests.factory import CALIB_TEXT, FAMILIES, make_model_dir
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gisp_deploy.artifact import write_artifact
-from gisp_deploy.quality.check import check
-from gisp_deploy.quality.vllm_greedy import compare_greedy
 from gisp_deploy.families import ModelShape
 from gisp_deploy.pruning.methods import PruneConfig, prune
+from gisp_deploy.quality.check import check
+from gisp_deploy.quality.vllm_greedy import compare_greedy
 from tests.factory import EXAMPLE_HELDOUT, make_model_dir
 
 

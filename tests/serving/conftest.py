@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from gisp_deploy.families import ModelShape
 from gisp_deploy.artifact import write_artifact
+from gisp_deploy.families import ModelShape
 from gisp_deploy.pruning.methods import PruneConfig, prune
 from tests.factory import CHAT_TEMPLATE, VLLM_MODELS, VLLM_SHAPE, Server, make_model_dir
 

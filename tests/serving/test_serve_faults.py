@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gisp_deploy.slicing.loader import load
 from gisp_deploy.serving.launch import _port_free
+from gisp_deploy.slicing.loader import load
 from tests.factory import PROMPTS, hf_greedy, http_status, needs_vllm, running
 
 pytestmark = [needs_vllm, pytest.mark.slow]

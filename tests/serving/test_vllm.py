@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from gisp_deploy.artifact import load_artifact
-from gisp_deploy.slicing.loader import load
 from gisp_deploy.plan import SlicePlan, plan_slice
 from gisp_deploy.serving.launch import vllm_command, vllm_overrides
 from gisp_deploy.serving.process import ServeError, require_vllm
 from gisp_deploy.serving.summary import is_exported, slice_summary
+from gisp_deploy.slicing.loader import load
 from tests.factory import (ENGINE, NEW_TOKENS, PROMPTS, Server, hand_plan, hf_greedy, http_status,
                            needs_vllm, running)
 
@@ -305,7 +305,8 @@ def test_serve_command_line(artifacts, tmp_path):
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[-2:] == ["--max-model-len", "512"]
     overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
     assert overrides == {"architectures": ["GispLlamaForCausalLM"], "gisp_sparsity": 0.4,
-                         "gisp_artifact": str(Path(path).resolve()), "gisp_tp_size": 2, "gisp_channel_multiple": 4}
+                         "gisp_artifact": str(Path(path).resolve()), "gisp_tp_size": 2, "gisp_channel_multiple": 4,
+                         "gisp_verify": True}  # the engine verifies the artifact too (once per machine)
     with pytest.raises(ServeError, match="--port"):
         vllm_command(path, 0.4, host="127.0.0.1", port=1, tp_size=1, channel_multiple=1, served_model_name="x",
                      extra=["--port", "9"])

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import gisp_deploy
-from gisp_deploy.slicing import export as export_mod
 from gisp_deploy.artifact import MANIFEST, RANKING, ArtifactError
 from gisp_deploy.cli import app
-from gisp_deploy.slicing.export import REMOTE_CODE_FILE, export_slice
-from gisp_deploy.slicing.loader import load
 from gisp_deploy.modeling import padding_params
 from gisp_deploy.plan import plan_slice
+from gisp_deploy.slicing import export as export_mod
+from gisp_deploy.slicing.export import REMOTE_CODE_FILE, export_slice
+from gisp_deploy.slicing.loader import load
 from tests.factory import make_model_dir
 from tests.factory import (ATOL, Source, decoder_linear_params, dense_model, extreme_plans, hand_plan,
                            probe_ids)
@@ -252,7 +252,7 @@ def test_cli_export_end_to_end(exported, tmp_path):
         "two values": (["--sparsity", "0.2,0.4", "--out", str(tmp_path / "x")], "one value"),
         "bad tp": (["--sparsity", "0.4", "--tp-size", "3", "--out", str(tmp_path / "x")], "tensor-parallel"),
         "bad dtype": (["--sparsity", "0.4", "--dtype", "int8", "--out", str(tmp_path / "x")], "--dtype"),
-        "onto the artifact": (["--sparsity", "0.4", "--out", str(art.path), "--overwrite"], "which the export reads"),
+        "onto the artifact": (["--sparsity", "0.4", "--out", str(art.path), "--overwrite"], "which this command reads"),
     }
     for what, (args, message) in refused.items():
         r = runner.invoke(app, ["export", str(art.path), *args])

@@ -5,16 +5,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from gisp_deploy.artifact import ArtifactError, load_artifact, write_artifact
+from gisp_deploy.artifact import load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
-from gisp_deploy.slicing.weights import ShardFile
-from gisp_deploy.slicing.loader import load
-from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.modeling import build_model, padding_params
 from gisp_deploy.plan import plan_slice
+from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.ranking import SparsityError
+from gisp_deploy.slicing.loader import load
 from gisp_deploy.slicing.oracle import apply_oracle
 from tests.factory import (EXAMPLE_MODEL, FAMILIES, assert_matches, decoder_linear_params, dense_model, extreme_plans,
                            hand_plan, probe_ids)
@@ -149,35 +147,6 @@ def test_config_roundtrip(sources, tmp_path):
 
 
 # ---- gathers and errors
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_shard_file_reads_rows_exactly(tmp_path, dtype):
-    w = torch.randn(40, 100).to(dtype)
-    b = torch.randn(40).to(dtype)
-    save_file({"w": w, "b": b, "i": torch.arange(7)}, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    g = torch.Generator().manual_seed(0)
-    cases = [[], [5], list(range(10, 20)), sorted(torch.randperm(40, generator=g)[:17].tolist()), [9, 3, 4, 5, 0],
-             list(range(40))]
-    with ShardFile(tmp_path / "t.safetensors") as f:
-        assert set(f.keys()) == {"w", "b", "i"}
-        assert torch.equal(f.read("w"), w) and torch.equal(f.read("i"), torch.arange(7))
-        for idx in cases:
-            t = torch.tensor(idx, dtype=torch.long)
-            assert torch.equal(f.read("w", idx), w[t]) and torch.equal(f.read("b", idx), b[t])
-        with pytest.raises(IndexError):
-            f.read("w", [39, 40])
-
-
-def test_shard_file_refuses_truncated_and_foreign_files(tmp_path):
-    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "t.safetensors"))
-    data = (tmp_path / "t.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
-    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
-    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
-    for name, message in (("cut", "truncated"), ("junk", "not a safetensors file"), ("pickle", "not a safetensors")):
-        with pytest.raises(ArtifactError, match=message):
-            ShardFile(tmp_path / f"{name}.safetensors")
-
-
 @pytest.mark.parametrize("name", ["qwen2-gqa", "llama-mha", "qwen3-gqa"])
 def test_device_gathers_equal_positioned_reads(sources, name, monkeypatch):
     """The CUDA load path (dense tensors read whole, ragged kernel gathers over several layers per launch), run

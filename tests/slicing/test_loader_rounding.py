@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from gisp_deploy.artifact import load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
-from gisp_deploy.slicing.loader import load
-from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.plan import plan_slice
+from gisp_deploy.pruning.methods import PruneConfig, prune
+from gisp_deploy.slicing.loader import load
 from gisp_deploy.slicing.oracle import apply_oracle
 from tests.factory import make_model_dir
 
