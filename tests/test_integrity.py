@@ -87,7 +87,7 @@ def _first_entry(art: Path) -> tuple[dict, str]:
 
 
 def _index(art: Path, target: str) -> None:
-    names = list(load_file(str(art / WEIGHTS)))
+    names = list(load_file(str(next(art.glob("model*.safetensors")))))
     (art / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
 
 
@@ -274,3 +274,15 @@ def test_no_copy_weights_staging_links_only_plain_names(good, tmp_path, outside)
     with pytest.raises(ArtifactError, match="points outside"):
         staged_model_dir(art)
     assert not (tmp_path / "outside" / "planted").exists() and not list(tmp_path.glob("**/planted"))
+
+
+def test_a_crafted_export_is_refused_before_vllm_reads_it(good, tmp_path, outside):
+    export = tmp_path / "export"
+    gisp_deploy.export(good, export, 0.4)
+    assert slice_summary(export).layers == 4
+    shutil.copy(next(export.glob("*.safetensors")), outside / WEIGHTS)
+    _index(export, "../outside/model.safetensors")
+    before = _trip(outside)
+    with pytest.raises(ArtifactError, match="points outside"):
+        slice_summary(export)  # what `serve EXPORT` runs before vLLM is started
+    assert {f.name: f.stat().st_atime_ns for f in outside.iterdir()} == before

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..artifact import MANIFEST, ArtifactError, write_error, write_failure
+from ..artifact import MANIFEST, ArtifactError
+from ..output import write_error, write_failure
 from .distributed import Ranks
 from .methods import PruneState, Removal
 

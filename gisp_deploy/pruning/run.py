@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifact import (ArtifactError, WriteError, check_weights_dir, ensure_writable_parent, output_lock,
-                        refuse_destination, resolve_model_dir, sweep_stale, write_artifact)
+from ..artifact import ArtifactError, check_weights_dir, is_artifact, resolve_model_dir, write_artifact
 from ..data import load_calibration
 from ..families import ModelShape
 from ..hf import load_model, load_tokenizer, pick_device, pick_dtype
 from ..integrity import refuse_remote_code
+from ..output import WriteError, ensure_writable_parent, output_lock, refuse_destination, sweep_stale
 from .distributed import Ranks
 from .methods import ComputeOptions, PruneConfig, prune as rank_structures
 from .objectives import fit_batch_size, scored_weights
@@ -120,7 +120,7 @@ def _check_out(out: Path, overwrite: bool, ranks: Ranks, device, device_map, mod
         drop_finished_progress(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
-    refuse_destination(out, [model_dir], overwrite, "artifact")
+    refuse_destination(out, [model_dir], overwrite, "artifact", is_artifact)
     ensure_writable_parent(out)  # before any work: the progress directory and the artifact go next to it
 
 

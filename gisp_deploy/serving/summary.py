@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..artifact import load_artifact
+from ..artifact import check_weights_dir, load_artifact
 from ..families import family_named
 from ..hf import dtype_bytes
 from ..plan import plan_slice
@@ -74,6 +74,7 @@ def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, chan
         if sparsity is not None:
             raise ServeError(f"{path} is an exported slice (config.json has gisp_layers): it is served as it is; "
                              "drop --sparsity (or serve the artifact it was exported from)")
+        check_weights_dir(path)  # vLLM reads them next: every shard inside the export, every header sound
         cfg = json.loads((path / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         specs = cfg[CONFIG_KEY]

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__, modeling
-from ..artifact import (MANIFEST, ArtifactError, atomic_dir, ensure_writable_parent, load_artifact, output_lock,
-                        refuse_destination, side_files, sweep_stale)
+from ..artifact import MANIFEST, ArtifactError, load_artifact, side_files
 from ..hf import DTYPES
 from ..integrity import inside
+from ..output import atomic_dir, ensure_writable_parent, output_lock, refuse_destination, sweep_stale
 from ..plan import SlicePlan, plan_slice
 from ..ranking import SparsityError, parse_sparsities
 from .loader import load
@@ -58,8 +58,14 @@ def _copied_side_files(artifact_dir: Path) -> list[Path]:
             if f.name not in own and not f.name.endswith(".index.json")]
 
 
+def is_export(path: Path) -> bool:
+    """A directory `gisp-deploy export` wrote: its config has per-layer widths."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and modeling.CONFIG_KEY in cfg.read_text()
+
+
 def _check_out(out: Path, art, overwrite: bool) -> None:
-    refuse_destination(out, {art.path, Path(art.weights_dir)}, overwrite, "export")
+    refuse_destination(out, {art.path, Path(art.weights_dir)}, overwrite, "export", is_export)
     ensure_writable_parent(out)  # before the slice is built
 
 
@@ -101,7 +107,7 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
         "source": str(art.path.resolve()), "method": art.manifest.get("method"),
         "ranking_sha256": art.manifest.get("ranking_sha256"), "gisp_deploy": __version__,
     }
-    with output_lock(out), atomic_dir(out, overwrite, kind="export") as tmp:
+    with output_lock(out), atomic_dir(out, overwrite, "export", is_export) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         for f in _copied_side_files(art.path):
             shutil.copy2(f, tmp / f.name)  # verbatim, replacing what save_pretrained derived (generation config)
