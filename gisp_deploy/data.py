@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
+HUB_PREFIX = "hf://"  # `--calib hf://NAME`: a Hugging Face dataset; any other name is a local path
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
@@ -23,9 +24,13 @@ def _is(path: Path, suffixes) -> bool:
 
 
 def expand_paths(paths) -> list[Path]:
-    """Files given directly, plus every text/JSONL file under given folders (sorted)."""
+    """Files given directly, plus every text/JSONL file under given folders (sorted); `hf://NAME` is a Hugging Face
+    dataset (its train split's text). A local path that does not exist is an error, never a hub request."""
     out: list[Path] = []
     for raw in paths:
+        if str(raw).startswith(HUB_PREFIX):  # the hub only when asked for by name
+            out.extend(_hub_dataset(str(raw)[len(HUB_PREFIX):]))
+            continue
         p = Path(raw)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and _is(f, TEXT_SUFFIXES + JSONL_SUFFIXES))
@@ -37,21 +42,22 @@ def expand_paths(paths) -> list[Path]:
         elif p.exists():
             raise DataError(f"{p}: not a regular file or folder")
         else:
-            out.extend(_hub_dataset(str(raw)))
+            raise DataError(f"{p}: no such file or folder (a Hugging Face dataset is read only when named "
+                            f"{HUB_PREFIX}NAME, e.g. {HUB_PREFIX}allenai/c4)")
     return out
 
 
 def _hub_dataset(name: str) -> list[Path]:
-    """A `datasets` hub name, cached as a local text file; offline this is a clear error."""
+    """A Hugging Face dataset (asked for as hf://NAME), cached as a local text file; offline a clear error."""
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise DataError(f"{name}: no such file or folder (and the `datasets` package is not installed "
-                        "to read it from the hub); pass a local .txt/.txt.gz/.jsonl path") from None
+        raise DataError(f"{HUB_PREFIX}{name}: reading a hub dataset needs the `datasets` package (pip install "
+                        "datasets); or pass a local .txt/.txt.gz/.jsonl path") from None
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # network or name errors are all the same to the user
-        raise DataError(f"{name}: not a local path, and loading it from the hub failed ({type(e).__name__}: "
+        raise DataError(f"{HUB_PREFIX}{name}: loading it from the hub failed ({type(e).__name__}: "
                         f"{str(e)[:200]}); offline, pass a local .txt/.txt.gz/.jsonl path") from None
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "gisp-deploy" / (name.replace("/", "__") + ".txt")

@@ -50,5 +50,18 @@ def test_non_utf8_and_missing_paths(tok, tmp_path):
     bad.write_bytes("caf\xe9 au lait".encode("latin1"))
     with pytest.raises(DataError, match="not UTF-8.*iconv"):
         read_text(bad)
-    with pytest.raises(DataError, match="pass a local"):
+    with pytest.raises(DataError, match="missing-dataset: no such file or folder"):
         load_calibration("lm", tok, [str(tmp_path / "missing-dataset")], samples=4, seq_len=64, seed=0)
+
+
+def test_a_missing_local_path_never_goes_to_the_hub(monkeypatch, tmp_path):
+    """A typo is an error at once; only hf://NAME asks the hub (here a stub that records the request)."""
+    from gisp_deploy import data
+
+    asked = []
+    monkeypatch.setattr(data, "_hub_dataset", lambda name: asked.append(name) or [CALIB_TEXT])
+    for typo in ("nothere.txt", "data/calib.txt", "c4", "allenai/c4", str(tmp_path / "gone" / "x.txt")):
+        with pytest.raises(DataError, match=r"no such file or folder \(a Hugging Face dataset is read only when"):
+            expand_paths([typo])
+    assert asked == []
+    assert expand_paths(["hf://allenai/c4"]) == [CALIB_TEXT] and asked == ["allenai/c4"]

@@ -286,3 +286,15 @@ def test_a_crafted_export_is_refused_before_vllm_reads_it(good, tmp_path, outsid
     with pytest.raises(ArtifactError, match="points outside"):
         slice_summary(export)  # what `serve EXPORT` runs before vLLM is started
     assert {f.name: f.stat().st_atime_ns for f in outside.iterdir()} == before
+
+
+def test_a_format_1_artifact_loads_and_says_what_was_not_verified(good, tmp_path, capfd):
+    old = tmp_path / "old"
+    shutil.copytree(good, old)
+    _manifest(old, lambda m: (m.pop("files"), m.update(format_version=1)))
+    assert gisp_deploy.load(old, 0.4) is not None and load_artifact(old).manifest["format_version"] == 1
+    warned = [l for l in capfd.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warned) == 1 and "format-1" in warned[0] and "not verified" in warned[0]  # once, not per load
+    _flip(old / WEIGHTS)
+    with pytest.raises(ArtifactError, match="sha256 differs"):  # its weights are still covered
+        load_artifact(old)

@@ -41,7 +41,8 @@ PRUNE_EXAMPLES = """
 def prune(
     model: str = typer.Argument(..., help="Local Hugging Face model directory (or a hub name when online)."),
     calib: List[str] = typer.Option([], "--calib", help="Calibration data: .txt/.txt.gz files, folders, or JSONL "
-                                    "(margin/answer objectives); repeat the option for several."),
+                                    "(margin/answer objectives); repeat the option for several. hf://NAME reads a "
+                                    "Hugging Face dataset; anything else is a local path."),
     out: Path = typer.Option(..., "--out", help="Artifact directory to write (atomically)."),
     method: str = typer.Option("gisp", help="gisp | oneshot | wanda-sp | magnitude | random."),
     objective: str = typer.Option("lm", help="lm (causal-LM loss) | margin (multiple choice) | answer (loss on answers)."),
