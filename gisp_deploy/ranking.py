@@ -34,7 +34,11 @@ def parse_sparsities(text: str | float | list) -> list[float]:
     if isinstance(text, (int, float)):
         items = [text]
     elif isinstance(text, str):
-        items = [t for t in text.replace(" ", "").split(",") if t]
+        items = text.replace(" ", "").split(",")
+        if len(items) > 1 and "" in items:
+            raise SparsityError(f"sparsities {text!r} have an empty item; separate values by single commas, "
+                                "e.g. 0.2,0.4")
+        items = [t for t in items if t]
     else:
         items = list(text)
     if not items:

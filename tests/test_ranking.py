@@ -188,3 +188,11 @@ def test_kept_structures_of_hand_removals():
     assert kept[1] == kept[3] == ((0, 1, 2, 3), tuple(range(48)))
     assert kept[2] == ((0, 1, 2, 3), tuple(range(1, 47)))
     assert kept_structures(shape, "kv_group", [(1, HEAD, 1)])[1][0] == (0, 1)  # group 1 = heads 2 and 3
+
+
+def test_an_empty_sparsity_item_is_an_error_not_dropped():
+    with pytest.raises(SparsityError, match="empty item"):
+        parse_sparsities("0.2,,0.4")
+    with pytest.raises(SparsityError, match="empty item"):
+        parse_sparsities("0.2,0.4,")
+    assert parse_sparsities("0.2, 0.4") == [0.2, 0.4]

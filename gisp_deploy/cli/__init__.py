@@ -13,6 +13,7 @@ from .common import friendly
 
 app = typer.Typer(
     name="gisp-deploy", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Prune once with GISP, then cut any sparsity out of one artifact at load time.\n\n"
          "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
          "  gisp-deploy inspect ARTIFACT --sparsity 0.2,0.4\n"
@@ -21,6 +22,20 @@ app = typer.Typer(
          "  gisp-deploy serve ARTIFACT --sparsity 0.4\n"
          "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5\n"
          "  gisp-deploy bench ARTIFACT OTHER-ARTIFACT --text heldout.txt --speed")
+
+def _version(show: bool) -> None:
+    if show:
+        from .. import __version__
+
+        typer.echo(f"gisp-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")):
+    pass
+
 
 for name, command, epilog in (("prune", prune.prune, prune.PRUNE_EXAMPLES),
                               ("inspect", slices.inspect, slices.INSPECT_EXAMPLES),

@@ -200,7 +200,7 @@ def _nested(plans):
             for field in ("q_heads", "kv_heads", "channels"):
                 if not set(getattr(b, field)) <= set(getattr(a, field)):
                     raise AssertionError(f"layer {i}: {field} at s={big.sparsity:g} not within s={small.sparsity:g}")
-    return None, f"{len(ordered)} slices nested"
+    return None, f"{len(ordered)} slice{'s' * (len(ordered) != 1)} nested"
 
 
 def _dense(art):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..artifact import ArtifactError, load_artifact
+from ..hf import pick_device
 from ..layout import kept, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
@@ -113,6 +114,7 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
     gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
     CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
+    device = pick_device(str(device))  # "cuda" without a GPU: one clear error before any work, not pin_memory's
     if not hasattr(artifact, "ranking"):  # an Artifact object was verified when it was loaded
         artifact = load_artifact(artifact, verify=verify, expect_digest=expect_digest)
     if plan is None:
@@ -123,7 +125,6 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
         raise ValueError("the plan was made for a model of another shape than the artifact's")
     if gather not in ("auto", "device"):
         raise ValueError(f"gather={gather!r}: choose auto or device")
-    device = torch.device(device)
     layouts = plan_layouts(plan)
     config = compact_config(artifact.config, plan, dtype)
     model = build_model(config, attn_implementation)

@@ -179,3 +179,22 @@ def test_device_map_and_auto_batch_give_the_same_artifact_ranking(tmp_path):
         res = cli("prune", model, "--out", tmp_path / "bad", *opts, *extra)
         assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
         assert not (tmp_path / "bad").exists()
+
+
+def test_version_and_short_help():
+    from gisp_deploy import __version__
+
+    assert cli("--version").stdout.strip() == f"gisp-deploy {__version__}"
+    for args in (["-h"], ["inspect", "-h"]):
+        res = cli(*args)
+        assert res.returncode == 0 and "Usage:" in res.stdout and "[OPTIONS]" in res.stdout, res.stdout
+
+
+def test_load_on_cuda_without_a_gpu_says_so(artifact, monkeypatch):
+    import torch
+
+    import gisp_deploy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is visible; use --device cpu"):
+        gisp_deploy.load(artifact, 0.2, device="cuda")
