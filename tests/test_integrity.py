@@ -53,23 +53,22 @@ def reseal(art: Path) -> None:
     (art / MANIFEST).write_text(json.dumps(m))
 
 
-def _ranking(art: Path, change) -> None:
-    t = {k: v.clone() for k, v in load_file(str(art / RANKING)).items()}
+def _ranking(art: Path, change, recount: bool = False) -> None:
+    """Rewrite the ranking with `change` applied to its columns; `recount`: its params column then recomputed
+    from the shapes, so that only the change itself is wrong."""
     from safetensors import safe_open
+    from transformers import AutoConfig
 
+    t = {k: v.clone() for k, v in load_file(str(art / RANKING)).items()}
     with safe_open(str(art / RANKING), framework="pt") as f:
         meta = f.metadata()
     change(t)
+    if recount:
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(art))
+        t["params"] = torch.from_numpy(RemovalCounter(shape, "q_head").costs(
+            t["layer"].numpy().astype(np.int64), t["kind"].numpy().astype(np.int64),
+            t["index"].numpy().astype(np.int64)).astype(np.int32))
     save_file(t, str(art / RANKING), metadata=meta)
-
-
-def _recount(t) -> None:  # the params column as the shapes give it, so that only the change itself is wrong
-    from transformers import AutoConfig  # noqa: F401  (the tiny config of the fixture)
-
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(_recount.art))
-    t["params"] = torch.from_numpy(RemovalCounter(shape, "q_head").costs(
-        t["layer"].numpy().astype(np.int64), t["kind"].numpy().astype(np.int64),
-        t["index"].numpy().astype(np.int64)).astype(np.int32))
 
 
 def _header(art: Path, header) -> None:
@@ -99,16 +98,10 @@ def _auto_map(art: Path, file: str, outside: Path) -> None:
 
 
 def _swap_into_protected(t) -> None:
-    """A covered removal traded places with a structure of protected layer 0 from the uncovered tail."""
-    layer = t["layer"]
-    covered = int(json.loads(_swap_into_protected.meta)["num_covered"]) if hasattr(_swap_into_protected, "meta") \
-        else None
-    j = int(torch.nonzero(layer == 0)[0])  # layer 0 is protected: all of it is in the uncovered tail
-    i = 0
-    assert covered is None or j >= covered
+    """A covered removal traded places with a structure of protected layer 0 (all in the uncovered tail)."""
+    i, j = 0, int(torch.nonzero(t["layer"] == 0)[0])
     for k in ("layer", "kind", "index"):
         t[k][i], t[k][j] = t[k][j].clone(), t[k][i].clone()
-    _recount(t)
 
 
 CASES = {  # name -> (change the artifact's copy, reseal its manifest?, part of the one-line refusal)
@@ -128,7 +121,8 @@ CASES = {  # name -> (change the artifact's copy, reseal its manifest?, part of 
                                    "outside the model's"),
     "ranking params inflated": (lambda a, o: _ranking(a, lambda t: t["params"].__setitem__(0, 10 ** 6)), True,
                                 "params column"),
-    "ranking prunes a protected layer": (lambda a, o: _ranking(a, _swap_into_protected), True, "protected layers"),
+    "ranking prunes a protected layer": (lambda a, o: _ranking(a, _swap_into_protected, recount=True), True,
+                                         "protected layers"),
     "header dims negative": (lambda a, o: _header(a, _negative(a)), True, "not a list of sizes >= 0"),
     "header dims huge": (lambda a, o: _header(a, _huge(a)), True, "does not match its shape"),
     "header is an array": (lambda a, o: _header(a, []), True, "unreadable safetensors header"),
@@ -197,7 +191,6 @@ def test_crafted_artifact_is_refused_everywhere(good, tmp_path, outside, case):
     shutil.copy(good / WEIGHTS, outside / WEIGHTS)
     art = tmp_path / "art"
     shutil.copytree(good, art)
-    _recount.art = art
     change(art, outside)
     if sealed:
         reseal(art)
