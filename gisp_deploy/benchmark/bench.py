@@ -23,7 +23,7 @@ from ..quality.evaluate import measure_quality, slice_identity, text_streams
 from ..ranking import parse_sparsities
 from ..serving.summary import slice_summary
 from ..slicing.loader import load
-from .speed import SpeedConfig, measure
+from .speed import Engine, SpeedConfig, ideal_warning, measure
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Bench:
         self.cfg, self.on_record, self.progress, self.log = cfg, on_record, progress, log
         self.records: list[dict] = []
         self._dense: dict[tuple, dict] = {}
+        self._dense_engine: tuple[tuple, Engine] | None = None  # (weights key, engine), kept for the slices
 
     def validate(self, paths) -> list:
         """Load every artifact and plan every slice before measuring anything, so bad input fails at once."""
@@ -98,8 +99,12 @@ class Bench:
         return arts
 
     def run(self, paths) -> list[dict]:
-        for art in self.validate(paths):
-            self._run_artifact(art)
+        try:
+            for art in self.validate(paths):
+                self._run_artifact(art)
+        finally:
+            if self._dense_engine:
+                self._dense_engine[1].close()
         return self.records
 
     def _run_artifact(self, art):
@@ -120,7 +125,7 @@ class Bench:
             if s == 0:
                 dense = recs
                 self._dense.setdefault(key, recs)
-            recs = _with_ideal(recs, dense, cfg)
+            recs = _with_ideal(recs, dense, cfg, self.log)
             self.records += recs
             if self.on_record:
                 self.on_record(recs)
@@ -146,23 +151,42 @@ class Bench:
         gc.collect()
         return [size, *({**ident, **r} for r in quality), *self._speed(art, plan.sparsity, ident)]
 
+    def _dense_engine_for(self, art) -> Engine:
+        """The dense model's engine of `art`'s weights: started once, kept alive while its slices are timed."""
+        key = _weights_key(art)
+        if self._dense_engine and self._dense_engine[0] != key:
+            self._dense_engine[1].close()
+            self._dense_engine = None
+        if not self._dense_engine:
+            self.log("  starting vLLM on the dense model")
+            self._dense_engine = (key, Engine(art, None, self.cfg.speed))
+        return self._dense_engine[1]
+
     def _speed(self, art, s: float, ident: dict) -> list[dict]:
+        """Speed records per batch size; a slice is timed in turns with the dense model, both engines alive."""
         speed = self.cfg.speed
         if speed is None:
             return []
+        dense = self._dense_engine_for(art)
         self.log(f"  vLLM speed at batch sizes {', '.join(map(str, speed.batch_sizes))} "
-                 f"({speed.prompt_len}-token prompts, {speed.gen_len} new tokens)")
-        run = measure(art, None if s == 0 else s, speed)
-        common = {k: run[k] for k in ("prompt_len", "gen_len", "dtype", "startup_s", "threads")}
-        return [{**ident, "measure": "speed", **common, **row} for row in run["results"]]
+                 f"({speed.prompt_len}-token prompts, {speed.gen_len} new tokens)"
+                 + ("" if s == 0 else ", in turns with the dense model"))
+        other = None if s == 0 else Engine(art, s, speed)
+        try:
+            rows = [measure(dense, other, speed, b) for b in speed.batch_sizes]
+        finally:
+            if other:
+                other.close()
+        common = {"prompt_len": speed.prompt_len, "gen_len": speed.gen_len, "dtype": speed.dtype,
+                  "startup_s": (other or dense).startup_s}
+        return [{**ident, "measure": "speed", **common, **row} for row in rows]
 
 
-def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig) -> list[dict]:
-    """Speed records with the speed-up over the dense model at the same batch size, the ideal speed-up (the ratio
-    of bytes a decode step reads) and the fraction of it achieved."""
+def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig, log=print) -> list[dict]:
+    """Speed records with the ideal speed-up (the ratio of bytes a decode step reads), the fraction of it the
+    measured speed-up achieved, and a warning (also logged) for every speed-up that is not a fact."""
     size = next(r for r in recs if r["measure"] == "size")
     dense_size = next(r for r in dense if r["measure"] == "size")
-    base = {r["batch_size"]: r for r in dense if r["measure"] == "speed"}
     nbytes = dtype_bytes(cfg.serve_dtype)
     out = []
     for r in recs:
@@ -171,10 +195,12 @@ def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig) -> list[d
             ideal = decode_bytes(dense_size["weight_read_params"], dense_size["kv_bytes_per_token"], nbytes, b,
                                  context) / \
                 decode_bytes(size["weight_read_params"], size["kv_bytes_per_token"], nbytes, b, context)
-            speedup = base[b]["tpot_s"] / r["tpot_s"]
-            r = {**r, "speedup": speedup, "throughput_speedup": r["output_tokens_per_s"] / base[b]["output_tokens_per_s"],
-                 "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
-                 "gain_fraction": (speedup - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None}
+            beaten = ideal_warning(r, ideal, cfg.speed)
+            r = {**r, "ideal_speedup": ideal, "fraction_of_ideal": r["speedup"] / ideal,
+                 "gain_fraction": (r["speedup"] - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None,
+                 "warnings": [*r["warnings"], *([beaten] if beaten else [])]}
+            for w in r["warnings"]:
+                log(f"warning: {r['name']} at sparsity {r['sparsity']:g}, batch {b}: {w}")
         out.append(r)
     return out
 
@@ -201,8 +227,8 @@ def _ints(text, flag: str) -> tuple[int, ...]:
 def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_lens="128,512",
           max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
           serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
-          batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, eager: bool = False,
-          out="gisp-bench", plots: bool = True, command: str = "bench", verify: bool = True, progress=None,
+          batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, tolerance: float = 0.10,
+          until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True, command: str = "bench", verify: bool = True, progress=None,
           log=print):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
@@ -220,7 +246,8 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
         require_vllm()
         speed_cfg = SpeedConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), prompt_len=prompt_len,
                                 gen_len=gen_len, repeats=repeats, dtype=serve_dtype, tp_size=tp_size,
-                                channel_multiple=channel_multiple, enforce_eager=eager)
+                                channel_multiple=channel_multiple, enforce_eager=eager, tolerance=tolerance,
+                                until_stable=until_stable, max_repeats=max_repeats)
     dev = pick_device(device)
     cfg = BenchConfig(sparsities=tuple(_floats(sparsities, "--sparsities")), texts=tuple(map(str, texts)),
                       seq_lens=_ints(seq_lens, "--seq-lens"), tasks=tuple(map(str, tasks)),

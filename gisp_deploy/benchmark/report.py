@@ -48,8 +48,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def write_results(out: Path, records: list[dict], meta: dict) -> Path:
     path = Path(out) / "results.json"
-    _write_atomic(path, json.dumps({**meta, "results": records}, indent=2) + "\n")
+    _write_atomic(path, json.dumps({**meta, "warnings": warnings(records), "results": records}, indent=2) + "\n")
     return path
+
+
+def warnings(records) -> list[str]:
+    """Every record's warnings, each naming its slice and batch size."""
+    return [f"{label(r)} at sparsity {r['sparsity']:g}, batch {r['batch_size']}: {w}"
+            for r in of(records, "speed") for w in r.get("warnings", ())]
 
 
 def label(rec: dict) -> str:
@@ -86,6 +92,11 @@ def speed_rows(records, slice_rec: dict) -> dict[int, dict]:
     """{batch size: speed record} of the slice `slice_rec` (any record of it)."""
     return {r["batch_size"]: r for r in of(records, "speed")
             if r["artifact"] == slice_rec["artifact"] and r["sparsity"] == slice_rec["sparsity"]}
+
+
+def _range(row: dict, key: str, scale: float, fmt: str) -> str:
+    return (f"{row[key] * scale:{fmt}} [{row[key + '_min'] * scale:{fmt}}-{row[key + '_max'] * scale:{fmt}}]"
+            if key + "_min" in row else f"{row[key] * scale:{fmt}}")
 
 
 def _mb(n):
@@ -128,16 +139,22 @@ def write_markdown(out: Path, records: list[dict], meta: dict) -> Path:
     if speed:
         s0 = speed[0]
         lines += [f"## Decode speed on vLLM ({s0['prompt_len']}-token prompts, {s0['gen_len']} new tokens, "
-                  f"{s0['dtype']}, medians)", "",
-                  "| artifact | sparsity | batch | output tok/s | TTFT ms | TPOT ms | speed-up | ideal | "
-                  "fraction of ideal |", "|---" * 9 + "|"]
+                  f"{s0['dtype']})", "",
+                  "Median [min-max] over the timed rounds; a slice and the dense model run in turns, both engines "
+                  "alive, so each round's speed-up compares the same minute of the machine.", "",
+                  "| artifact | sparsity | batch | rounds | output tok/s | TTFT ms | TPOT ms | speed-up | ideal | "
+                  "fraction of ideal |", "|---" * 10 + "|"]
         for row in speed:
-            lines.append(f"| {label(row)} | {row['sparsity']:g} | {row['batch_size']} | "
-                         f"{row['output_tokens_per_s']:.1f} | {row['ttft_s'] * 1e3:.1f} | {row['tpot_s'] * 1e3:.2f} | "
-                         f"{row['speedup']:.3f} | {row['ideal_speedup']:.3f} | {row['fraction_of_ideal']:.3f} |")
-        lines += ["", "Speed-up: dense time per output token ÷ the slice's. Ideal: bytes a decode step reads "
-                  "(weights but the embedding table, plus the batch's KV cache at the mean context) for the dense "
-                  "model ÷ for the slice. Fraction of ideal: speed-up ÷ ideal.", ""]
+            mark = " ⚠" if row.get("warnings") else ""
+            lines.append(f"| {label(row)} | {row['sparsity']:g} | {row['batch_size']} | {row['repeats']} | "
+                         f"{row['output_tokens_per_s']:.1f} | {_range(row, 'ttft_s', 1e3, '.1f')} | "
+                         f"{_range(row, 'tpot_s', 1e3, '.2f')} | {_range(row, 'speedup', 1, '.3f')}{mark} | "
+                         f"{row['ideal_speedup']:.3f} | {row['fraction_of_ideal']:.3f} |")
+        lines += ["", "Speed-up: the dense model's time per output token ÷ the slice's, in the same round. Ideal: "
+                  "bytes a decode step reads (weights but the embedding table, plus the batch's KV cache at the mean "
+                  "context) for the dense model ÷ for the slice. Fraction of ideal: speed-up ÷ ideal.", ""]
+        if warnings(records):
+            lines += ["## Warnings", "", *(f"- ⚠ {w}" for w in warnings(records)), ""]
     path = Path(out) / "report.md"
     _write_atomic(path, "\n".join(lines) + "\n")
     return path
@@ -200,7 +217,10 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
         for name, recs in _series(records, "speed").items():
             pts = [r for r in recs if r["batch_size"] == batches[k]]
             xs = [r["achieved_sparsity"] for r in pts]
-            ax.plot(xs, [r["speedup"] for r in pts], "o-", color=colors[name], label=f"{name} measured")
+            ys = [r["speedup"] for r in pts]
+            err = [[y - r["speedup_min"] for y, r in zip(ys, pts)], [r["speedup_max"] - y for y, r in zip(ys, pts)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=colors[name],
+                        label=f"{name} measured (median, min-max)")
             ax.plot(xs, [r["ideal_speedup"] for r in pts], "--", color=colors[name], alpha=0.7,
                     label=f"{name} ideal (bytes read)")
         ax.axhline(1.0, color="gray", lw=0.8)

@@ -9,6 +9,7 @@ from typing import List
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
@@ -25,6 +26,9 @@ BENCH_EXAMPLES = """
 
   # vLLM decode speed at batch 1 and 16 against the dense model, and the ideal speed-up
   gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed --batch-sizes 1,16
+
+  # on a busy machine: add rounds until the last 3 agree within 5% (a warning if they never do)
+  gisp-deploy bench llama3-gisp --sparsities 0.4 --speed --until-stable --tolerance 0.05
 
 Writes OUT/results.json, OUT/report.md and OUT/perplexity.png, accuracy.png, speedup.png.
 """
@@ -50,7 +54,13 @@ def bench(
     batch_sizes: str = typer.Option("1,16", help="Batch sizes of the speed runs."),
     prompt_len: int = typer.Option(128, help="Prompt tokens per sequence in the speed runs."),
     gen_len: int = typer.Option(64, help="Generated tokens per sequence in the speed runs."),
-    repeats: int = typer.Option(3, help="Timed runs per batch size (the median is reported)."),
+    repeats: int = typer.Option(3, help="Timed rounds per batch size after one warm-up: the slice and the dense "
+                                "model in turns; median, min and max are reported."),
+    tolerance: float = typer.Option(0.10, help="Repeats agree when (max - min) / median is at most this; beyond "
+                                    "it, and for a speed-up above its ideal bound by more than the noise, a warning."),
+    until_stable: bool = typer.Option(False, "--until-stable", help="Add rounds until the last --repeats agree "
+                                      "within --tolerance, up to --max-repeats (else a warning says so)."),
+    max_repeats: int = typer.Option(12, help="Most rounds per batch size with --until-stable."),
     eager: bool = typer.Option(False, "--eager", help="Run vLLM without compiled graphs (faster start, often "
                                "slower decode)."),
     out: Path = typer.Option(Path("gisp-bench"), "--out", help="Directory for results.json, report.md and plots "
@@ -62,6 +72,7 @@ def bench(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..benchmark.bench import bench as run
+    from ..benchmark.report import warnings
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     command = shlex.join(["gisp-deploy", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "bench"
@@ -72,11 +83,14 @@ def bench(
                                max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
                                serve_dtype=serve_dtype, tp_size=tp_size, channel_multiple=channel_multiple,
                                speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
-                               repeats=repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
+                               repeats=repeats, tolerance=tolerance, until_stable=until_stable,
+                               max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
                                progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m))
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))
+    for w in warnings(records):
+        console.print(f"[bold yellow]warning:[/] {escape(w)}")
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -106,5 +120,11 @@ def results_table(records):
                       *[f"{v:.2f}" if v is not None else "" for v in ppl],
                       *[f"{v:.3f}" if v is not None else "" for v in acc],
                       *[f"{sp[b]['output_tokens_per_s']:.1f}" if b in sp else "" for b in batches],
-                      *[f"{sp[b]['speedup']:.2f} ({sp[b]['ideal_speedup']:.2f})" if b in sp else "" for b in batches])
+                      *[_speedup(sp[b]) if b in sp else "" for b in batches])
     return table
+
+
+def _speedup(row: dict) -> str:
+    """median [min-max] (ideal), marked when a warning says the number is not a fact."""
+    mark = " ⚠" if row.get("warnings") else ""
+    return f"{row['speedup']:.2f} [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}] ({row['ideal_speedup']:.2f}){mark}"

@@ -180,13 +180,66 @@ def test_speed_without_vllm_names_the_fix(arts, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+class NoisyEngine:
+    """Stands in for a vLLM engine process: runs whose times follow a noisy fake timer (seeded), or steady ones."""
+
+    def __init__(self, artifact, sparsity, cfg, noise=0.0, seed=0):
+        self.base = 0.02 if sparsity is None else 0.02 / 1.2  # 1.2x: within the 0.5 slice's ideal 1.25x
+        self.noise, self.gen, self.startup_s = noise, torch.Generator().manual_seed(seed), 0.0
+
+    def run(self, batch_size):
+        t = self.base * float(1 + self.noise * torch.rand((), generator=self.gen) * 8)  # up to 9x slower
+        return {"ttft_s": 5 * t, "tpot_s": t, "total_s": 5 * t + 31 * t, "threads": 2}
+
+    def close(self):
+        pass
+
+
+def _bench_with(monkeypatch, engine, arts, out, *extra):
+    from typer.testing import CliRunner
+
+    from gisp_deploy import cli
+    from gisp_deploy.benchmark import bench as bench_module
+    from gisp_deploy.serving import process
+
+    monkeypatch.setattr(process, "require_vllm", lambda: None)
+    monkeypatch.setattr(bench_module, "Engine", engine)
+    return CliRunner().invoke(cli.app, ["bench", str(arts[0]), "--sparsities", "0.5", "--speed", "--batch-sizes",
+                                        "1", "--gen-len", "32", "--out", str(out), "--no-plots", *extra])
+
+
+def test_noisy_timings_make_bench_warn_everywhere(arts, tmp_path, monkeypatch):
+    noisy = lambda art, s, cfg: NoisyEngine(art, s, cfg, noise=1.0, seed=1 if s is None else 2)  # noqa: E731
+    result = _bench_with(monkeypatch, noisy, arts, tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "repeats disagree" in result.output
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["warnings"] and all("repeats disagree" in w or "beats its ideal" in w for w in data["warnings"])
+    (row,) = [r for r in data["results"] if r["measure"] == "speed" and r["sparsity"] == 0.5]
+    assert row["warnings"] and row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+    assert len(row["tpot_runs_s"]) == row["repeats"] == 3
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Warnings" in md and "repeats disagree" in md and "⚠" in md
+
+
+def test_steady_timings_give_no_warning_and_a_speed_up_within_its_bound(arts, tmp_path, monkeypatch):
+    result = _bench_with(monkeypatch, NoisyEngine, arts, tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.output
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    (row,) = [r for r in data["results"] if r["measure"] == "speed" and r["sparsity"] == 0.5]
+    assert data["warnings"] == [] and "## Warnings" not in (tmp_path / "o" / "report.md").read_text()
+    assert row["speedup"] == pytest.approx(1.2) and row["speedup_min"] == row["speedup_max"] == row["speedup"]
+    assert 1.2 < row["ideal_speedup"] < 1.3
+
+
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
 def test_speed_on_vllm(arts):
     from transformers import AutoModelForCausalLM
 
     from gisp_deploy.slicing.loader import load
 
-    speed = SpeedConfig(batch_sizes=(1, 2), prompt_len=16, gen_len=4, repeats=1, dtype="float32",
+    speed = SpeedConfig(batch_sizes=(1, 2), prompt_len=16, gen_len=4, repeats=2, dtype="float32",
                         enforce_eager=True)
     cfg = BenchConfig(sparsities=(0.5,), serve_dtype="float32", speed=speed)
     records = Bench(cfg, log=lambda m: None).run([arts[1]])
@@ -194,7 +247,11 @@ def test_speed_on_vllm(arts):
     assert [(r["sparsity"], r["batch_size"]) for r in rows] == [(0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)]
     for r in rows:
         assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and math.isfinite(r["output_tokens_per_s"]) and r["speedup"] > 0
-        assert r["prompt_len"] == 16 and r["gen_len"] == 4 and len(r["runs_s"]) == 1
+        assert r["prompt_len"] == 16 and r["gen_len"] == 4 and len(r["runs_s"]) == len(r["tpot_runs_s"]) == 2
+        assert all(t > 0 for t in r["tpot_runs_s"]) and r["tpot_s_min"] <= r["tpot_s"] <= r["tpot_s_max"]
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and isinstance(r["warnings"], list)
+    for r in rows[2:]:  # each slice round timed the dense engine too, in the same window
+        assert r["dense_tpot_s_min"] <= r["dense_tpot_s"] <= r["dense_tpot_s_max"]
 
     def bytes_read(model, batch):  # float32 weights but the embedding table, and the batch's KV at context 18
         weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
