@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/gisp-deploy prune examples/tiny-llama-gqa-19m --calib examples/data/train --out $(DEMO) --overwrite \
 		--samples 32 --seq-len 256 --batch-size 16 --steps 8 --max-sparsity 0.5
-	$(BIN)/gisp-deploy inspect $(DEMO) --sparsity 0.2,0.3,0.4,0.5 --plot $(DEMO)-widths.png
-	$(BIN)/gisp-deploy eval $(DEMO) --sparsity 0,0.2,0.4,0.5 --text examples/data/heldout/persuasion.txt.gz \
+	$(BIN)/gisp-deploy inspect $(DEMO) --sparsities 0.2,0.3,0.4,0.5 --plot $(DEMO)-widths.png
+	$(BIN)/gisp-deploy eval $(DEMO) --sparsities 0,0.2,0.4,0.5 --text examples/data/heldout/persuasion.txt.gz \
 		--max-tokens 16384
 
 test: install

@@ -51,8 +51,8 @@ def main():
                    "--method", method, "--samples", "128", "--seq-len", "256", "--batch-size", "16",
                    "--steps", "20", "--max-sparsity", "0.5", "--schedule", "params", "--protect-first", "0",
                    "--protect-last", "1", "--seed", "0", "--dtype", "float32", *shlex.split(args.extra)], log)
-        report = json.loads(run(exe + ["eval", str(art), "--sparsity", args.sparsities, "--text", args.text,
-                                       "--seq-len", "128", "--max-tokens", "65536", "--json"], log))
+        report = json.loads(run(exe + ["eval", str(art), "--sparsities", args.sparsities, "--text", args.text,
+                                       "--seq-lens", "128", "--max-tokens", "65536", "--json"], log))
         for r in report["results"]:
             results.append({"method": method, **r})
     (out / "results.json").write_text(json.dumps({"commands": log, "results": results}, indent=2))

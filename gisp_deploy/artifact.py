@@ -8,11 +8,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import ModelShape
 from .integrity import ArtifactError, inside, refuse_remote_code, sha256_file, verify_files
 from .output import atomic_dir
-from .ranking import Ranking
-from .safetensors_file import check_header
+
+# families, ranking and safetensors_file (torch) are imported where used: reading a manifest must not import
+# torch, so that `gisp-deploy inspect TYPO` answers at once
 
 FORMAT = "gisp-deploy-artifact"
 FORMAT_VERSION = 2  # 2: `files` holds the sha256 of every file of the artifact; 1: of the weights and ranking only
@@ -59,6 +59,8 @@ def check_weights_dir(model_dir: Path, links_may_leave: bool = False) -> None:
     """Before anything else reads a directory's weights: safetensors only, every shard its index names inside it,
     and every shard's header sound. `links_may_leave`: a source model whose files link elsewhere (the Hugging
     Face cache), whose names are still checked."""
+    from .safetensors_file import check_header
+
     for f in weight_files(model_dir):  # refuses pickle-only checkpoints
         check_header(inside(Path(model_dir), f.name, "weight file", links_may_leave=links_may_leave))
     index = Path(model_dir) / INDEX_FILE
@@ -139,8 +141,15 @@ class Artifact:
 
 def read_manifest(path: Path) -> dict:
     """The manifest, refused unless it has the fields and types this version reads."""
+    path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
+        if not path.is_dir():
+            raise ArtifactError(f"{path}: no such artifact directory")
+        if (path / "config.json").is_file():
+            raise ArtifactError(f"{path}: a model directory, not a gisp-deploy artifact (no {MANIFEST}); pass the "
+                                "artifact that `gisp-deploy prune` wrote (an exported slice's widths are in its "
+                                "config.json)")
         raise ArtifactError(f"{path}: not a gisp-deploy artifact (no {MANIFEST}); create one with `gisp-deploy prune`")
     try:
         manifest = json.loads(mf.read_text())
@@ -189,6 +198,9 @@ def load_artifact(path, *, verify: bool = True, weights: bool = True, expect_dig
     with `verify` (default) every file it consists of must have the digest its manifest records, the weights
     too when `weights` (once per machine: see integrity.py). `expect_digest` pins the manifest itself."""
     from transformers import AutoConfig
+
+    from .families import ModelShape
+    from .ranking import Ranking
 
     path = Path(path)
     manifest = read_manifest(path)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from .arguments import HUB_PREFIX
+
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
-HUB_PREFIX = "hf://"  # `--calib hf://NAME`: a Hugging Face dataset; any other name is a local path
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
+from .arguments import DTYPE_NAMES
 from .artifact import ArtifactError, check_weights_dir
 from .integrity import refuse_remote_code
 
 # Every dtype name a command accepts (vLLM's spellings too); the safetensors codes are safetensors_file.py's.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 

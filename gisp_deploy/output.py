@@ -71,6 +71,9 @@ def ensure_writable_parent(final: Path) -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
+        if probe != parent:  # what fails is creating the missing folders, not writing where they would be
+            raise ArtifactError(f"cannot write {final}: {parent} does not exist and cannot be created in {probe} "
+                                f"({e.strerror}); choose another --out") from None
         raise ArtifactError(f"cannot write in {probe}: {e.strerror}; choose a writable --out") from None
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .arguments import SparsityError, parse_sparsities
 from .families import ModelShape
 
 META_KEY = "gisp_ranking"
@@ -19,40 +20,10 @@ HEAD, CHANNEL = 0, 1
 UNITS = ("q_head", "kv_group")
 
 
-class SparsityError(ValueError):
-    pass
-
-
 def check_unit(unit: str) -> str:
     if unit not in UNITS:
         raise ValueError(f"unknown unit {unit!r}; choose one of {', '.join(UNITS)}")
     return unit
-
-
-def parse_sparsities(text: str | float | list) -> list[float]:
-    """'0,0.2,0.4' -> [0.0, 0.2, 0.4], refusing NaN, negative and >= 1 values."""
-    if isinstance(text, (int, float)):
-        items = [text]
-    elif isinstance(text, str):
-        items = text.replace(" ", "").split(",")
-        if len(items) > 1 and "" in items:
-            raise SparsityError(f"sparsities {text!r} have an empty item; separate values by single commas, "
-                                "e.g. 0.2,0.4")
-        items = [t for t in items if t]
-    else:
-        items = list(text)
-    if not items:
-        raise SparsityError("no sparsity given; pass e.g. --sparsity 0.2,0.4")
-    out = []
-    for item in items:
-        try:
-            s = float(item)
-        except ValueError:
-            raise SparsityError(f"sparsity {item!r} is not a number; pass fractions such as 0.4") from None
-        if not math.isfinite(s) or s < 0 or s >= 1:
-            raise SparsityError(f"sparsity {item!r} is out of range: it is a fraction of parameters in [0, 1), e.g. 0.4")
-        out.append(s)
-    return out
 
 
 def units_per_layer(shape: ModelShape, unit: str) -> int:

@@ -145,7 +145,7 @@ def extreme_plans(shape):
 
 # ---- vLLM: engines and `gisp-deploy serve` (tests/serving, tests/quality)
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
 
 # head_dim 32: the CPU attention backend has no kernels for 16
 VLLM_SHAPE = dict(hidden_size=128, head_dim=32, intermediate_size=256)  # 4 query heads; 2 KV heads (GQA) or 4 (MHA)

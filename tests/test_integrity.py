@@ -205,7 +205,7 @@ def test_crafted_artifact_is_refused_everywhere(good, tmp_path, outside, case):
     checker = gisp_deploy.check(art, [0.4], json_report=tmp_path / "check.json")
     assert not checker.ok and message in next(r.message for r in checker.results if not r.ok)
     assert json.loads((tmp_path / "check.json").read_text())["ok"] is False
-    res = subprocess.run([sys.executable, "-m", "gisp_deploy.cli", "eval", str(art), "--sparsity", "0.4", "--text",
+    res = subprocess.run([sys.executable, "-m", "gisp_deploy.cli", "eval", str(art), "--sparsities", "0.4", "--text",
                           str(EXAMPLE_HELDOUT), "--max-tokens", "256"], input="y\ny\n", capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert message in _one_error_line(res)

@@ -5,7 +5,8 @@ import torch
 from gisp_deploy.families import ModelShape
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.pruning.methods import PruneConfig, prune
-from gisp_deploy.ranking import CHANNEL, HEAD, Ranking, SparsityError, parse_sparsities
+from gisp_deploy.arguments import SparsityError, parse_sparsities
+from gisp_deploy.ranking import CHANNEL, HEAD, Ranking
 from tests.factory import make_model_dir
 
 

@@ -20,7 +20,7 @@ from ..artifact import load_artifact
 from ..hf import dtype_bytes, load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
-from ..ranking import parse_sparsities
+from ..arguments import parse_ints, parse_sparsities
 from ..serving.summary import slice_summary
 from ..slicing.loader import load
 from .speed import Engine, SpeedConfig, ideal_warning, measure
@@ -212,18 +212,6 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what}: {e}") from None
 
 
-def _ints(text, flag: str) -> tuple[int, ...]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        vals = tuple(int(x) for x in items if str(x).strip())
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,16") from None
-    if not vals or min(vals) < 1:
-        raise ValueError(f"{flag} {text!r}: give positive integers, e.g. 1,16")
-    return vals
-
-
-
 def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_lens="128,512",
           max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
           serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
@@ -244,13 +232,13 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
         from ..serving.process import require_vllm
 
         require_vllm()
-        speed_cfg = SpeedConfig(batch_sizes=_ints(batch_sizes, "--batch-sizes"), prompt_len=prompt_len,
+        speed_cfg = SpeedConfig(batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), prompt_len=prompt_len,
                                 gen_len=gen_len, repeats=repeats, dtype=serve_dtype, tp_size=tp_size,
                                 channel_multiple=channel_multiple, enforce_eager=eager, tolerance=tolerance,
                                 until_stable=until_stable, max_repeats=max_repeats)
     dev = pick_device(device)
     cfg = BenchConfig(sparsities=tuple(_floats(sparsities, "--sparsities")), texts=tuple(map(str, texts)),
-                      seq_lens=_ints(seq_lens, "--seq-lens"), tasks=tuple(map(str, tasks)),
+                      seq_lens=parse_ints(seq_lens, "--seq-lens", minimum=2, example="128,512"), tasks=tuple(map(str, tasks)),
                       max_tokens=max_tokens or None, batch_size=batch_size, device=str(dev),
                       dtype=pick_dtype(dtype, dev), serve_dtype=serve_dtype, tp_size=tp_size,
                       channel_multiple=channel_multiple, speed=speed_cfg, verify=verify)

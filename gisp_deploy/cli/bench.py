@@ -17,20 +17,28 @@ from .common import (batch_size_option, channel_multiple_option, device_option, 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
 
-  # perplexity at 128/512-token contexts, sizes and load time of the dense model and four slices
-  gisp-deploy bench llama3-gisp --sparsities 0.2,0.3,0.4,0.5 --text heldout.txt.gz
+  # perplexity at 128/512-token contexts, sizes and load time of the dense
+  # model and four slices
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.3,0.4,0.5 \\
+      --text heldout.txt.gz
 
-  # several artifacts (methods) in one comparison, with task accuracy; plots and report in ./cmp
-  gisp-deploy bench llama3-gisp llama3-wanda llama3-random --text heldout.txt.gz \\
-      --task continuation-test.margin.jsonl --out cmp
+  # several artifacts (methods) in one comparison, with task accuracy;
+  # plots and report in ./cmp
+  gisp-deploy bench llama3-gisp llama3-wanda llama3-random \\
+      --text heldout.txt.gz --task heldout-task.margin.jsonl --out cmp
 
-  # vLLM decode speed at batch 1 and 16 against the dense model, and the ideal speed-up
-  gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed --batch-sizes 1,16
+  # vLLM decode speed at batch 1 and 16 against the dense model, and the
+  # ideal speed-up
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed \\
+      --batch-sizes 1,16
 
-  # on a busy machine: add rounds until the last 3 agree within 5% (a warning if they never do)
-  gisp-deploy bench llama3-gisp --sparsities 0.4 --speed --until-stable --tolerance 0.05
+  # on a busy machine: add rounds until the last 3 agree within 5% (a
+  # warning if they never do)
+  gisp-deploy bench llama3-gisp --sparsities 0.4 --speed --until-stable \\
+      --tolerance 0.05
 
-Writes OUT/results.json, OUT/report.md and OUT/perplexity.png, accuracy.png, speedup.png.
+Writes OUT/results.json, OUT/report.md and OUT/perplexity.png,
+accuracy.png, speedup.png.
 """
 
 
@@ -69,6 +77,20 @@ def bench(
     verify: bool = verify_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
+    from ..arguments import check_device, check_dtype, parse_ints, parse_sparsities, require_local
+    from ..artifact import read_manifest
+
+    parse_sparsities(sparsities)  # everything a typo can break, before the heavy imports
+    parse_ints(seq_lens, "--seq-lens", minimum=2, example="128,512")
+    parse_ints(batch_sizes, "--batch-sizes")
+    check_dtype(dtype, auto=False)
+    check_dtype(serve_dtype, "--serve-dtype", auto=False)
+    check_device(device)
+    require_local(text, "--text")
+    require_local(task, "--task")
+    for a in artifacts:
+        read_manifest(a)
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..benchmark.bench import bench as run

@@ -70,6 +70,11 @@ def expect_digest_option():
                         "check` prints it): deploy exactly what CI checked.")
 
 
+def alias_option(name: str):
+    """The former name of an option, still accepted (hidden from --help): one name per concept across commands."""
+    return typer.Option(None, name, hidden=True)
+
+
 def max_tokens_option() -> int:
     return typer.Option(65536, help="Use the first N tokens of each text (0: all).")
 

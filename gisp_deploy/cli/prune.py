@@ -13,28 +13,33 @@ from .common import console, pass_reporter, progress_bar
 PRUNE_EXAMPLES = """
 [bold]Examples[/]
 
-  # GISP on a local model, calibrated on local text, ranking covering up to 60% sparsity
-  gisp-deploy prune ./Llama-3-8B --calib data/c4-sample.txt.gz --out llama3-gisp
+  # GISP on a local model and local text; the ranking covers up to 60%
+  gisp-deploy prune ./Llama-3-8B --calib data/c4-sample.txt.gz \\
+      --out llama3-gisp
 
-  # the authors' reference setting (2000 x 256-token windows, 112 steps linear in structures, to 0.7);
-  # their batch of 2 changes only the speed, so the micro-batch is left to fit the GPU
+  # the authors' reference setting (2000 x 256-token windows, 112 steps
+  # linear in structures, to 0.7); their batch of 2 sets only the speed
   gisp-deploy prune ./Llama-2-7b --calib c4/ --samples 2000 --seq-len 256 \\
       --steps 112 --schedule structures --max-sparsity 0.7 --out llama2-gisp
 
-  # task-aligned calibration on multiple-choice JSONL ({"prompt", "choices", "answer"})
-  gisp-deploy prune ./model --objective margin --calib task.jsonl --out model-margin
+  # task-aligned: multiple-choice JSONL ({"prompt", "choices", "answer"})
+  gisp-deploy prune ./model --objective margin --calib task.jsonl \\
+      --out model-margin
 
   # a baseline that writes the same ranking format
-  gisp-deploy prune ./model --method wanda-sp --calib data/ --out model-wanda
+  gisp-deploy prune ./model --method wanda-sp --calib data/ \\
+      --out model-wanda
 
   # continue a run that was killed
   gisp-deploy prune ./model --calib data/ --out model-gisp --resume
 
-  # a 70B model over all visible GPUs (layers placed by accelerate; one GPU computes at a time)
-  gisp-deploy prune ./Llama-3-70B --calib c4/ --device-map auto --out llama3-70b-gisp
+  # a 70B model over all visible GPUs (layers placed by accelerate)
+  gisp-deploy prune ./Llama-3-70B --calib c4/ --device-map auto \\
+      --out llama3-70b-gisp
 
-  # 8 GPUs, a model each: every process scores 1/8 of the sequences (data parallel, one all-reduce per step)
-  torchrun --nproc-per-node 8 -m gisp_deploy.cli prune ./Llama-3-8B --calib c4/ --out llama3-gisp
+  # 8 GPUs, a model each: each process scores 1/8 of the sequences
+  torchrun --nproc-per-node 8 -m gisp_deploy.cli prune ./Llama-3-8B \\
+      --calib c4/ --out llama3-gisp
 """
 
 
@@ -77,6 +82,18 @@ def prune(
                                       "the source path and sha256 instead."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
+    from ..arguments import check_device, check_dtype, require_local
+
+    require_local(calib, "--calib")  # what a typo can break, before the heavy imports
+    check_dtype(dtype)
+    check_device(device)
+    if batch_size != "auto" and not batch_size.isdigit():
+        raise ValueError(f"--batch-size {batch_size!r}: give a number of sequences, or auto")
+    if Path(model).exists() or model.startswith((".", "/")):
+        from ..artifact import resolve_model_dir
+
+        resolve_model_dir(model)
+
     from ..pruning.distributed import Ranks
     from ..pruning.progress import partial_dir
     from ..pruning.run import prune as run

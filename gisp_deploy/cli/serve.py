@@ -12,18 +12,22 @@ from .common import console, expect_digest_option, say, verify_option
 SERVE_EXAMPLES = """
 [bold]Examples[/]
 
-  # the 40% slice of an artifact, on http://127.0.0.1:8000/v1 (model name llama3-gisp@0.4)
+  # the 40% slice on http://127.0.0.1:8000/v1 (model name llama3-gisp@0.4)
   gisp-deploy serve llama3-gisp --sparsity 0.4
 
-  # two GPUs: per-layer widths rounded to split over 2 ranks, MLP widths to multiples of 128
-  gisp-deploy serve llama3-gisp --sparsity 0.5 --tensor-parallel-size 2 --channel-multiple 128
+  # two GPUs: widths rounded to split over 2 ranks, MLP to multiples of 128
+  gisp-deploy serve llama3-gisp --sparsity 0.5 --tensor-parallel-size 2 \\
+      --channel-multiple 128
 
   # an exported slice; anything after -- goes to vLLM unchanged
-  gisp-deploy serve llama3-gisp-0.4/ --port 8001 -- --max-model-len 4096 --enable-prefix-caching
+  gisp-deploy serve llama3-gisp-0.4/ --port 8001 -- \\
+      --max-model-len 4096 --enable-prefix-caching
 
   # then, from any OpenAI client
-  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-      -d '{"model": "llama3-gisp@0.4", "prompt": "Once upon a time", "max_tokens": 32}'
+  curl http://127.0.0.1:8000/v1/completions \\
+      -H 'Content-Type: application/json' \\
+      -d '{"model": "llama3-gisp@0.4", "prompt": "Once upon a time",
+           "max_tokens": 32}'
 """
 
 

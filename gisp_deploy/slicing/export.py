@@ -29,7 +29,7 @@ from ..hf import DTYPES
 from ..integrity import inside
 from ..output import atomic_dir, ensure_writable_parent, output_lock, refuse_destination, sweep_stale
 from ..plan import SlicePlan, plan_slice
-from ..ranking import SparsityError, parse_sparsities
+from ..arguments import SparsityError, parse_sparsities
 from .loader import load
 
 REMOTE_CODE_FILE = "modeling_gisp.py"

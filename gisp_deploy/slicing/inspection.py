@@ -10,7 +10,7 @@ from ..plan import plan_slice
 def describe(art, sparsities) -> dict:
     """The stable JSON description: manifest essentials plus, per sparsity, each layer's kept indices."""
     m = art.manifest
-    slices = [plan_slice(art.ranking, s).to_json() for s in sparsities]
+    slices = [{**plan.to_json(), **slice_size(art, plan)} for plan in (plan_slice(art.ranking, s) for s in sparsities)]
     return {
         "format": f"{m['format']}/{m['format_version']}", "method": m.get("method"), "unit": art.ranking.unit,
         "objective": m.get("objective"), "coverage": round(art.ranking.coverage, 6),
@@ -21,6 +21,20 @@ def describe(art, sparsities) -> dict:
                   "decoder_linear_params": art.shape.total_params},
         "versions": m.get("versions"), "slices": slices,
     }
+
+
+def slice_size(art, plan) -> dict:
+    """Parameters and weight bytes of the compact model of `plan`, counted on the meta device (nothing loaded)."""
+    from ..hf import dtype_bytes
+    from ..modeling import build_model, compact_config, padding_params
+
+    model = build_model(compact_config(art.config, plan))
+    params = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
+    dtype = str(getattr(art.config, "dtype", None) or "float32")
+    dtype = dtype.removeprefix("torch.")
+    return {"decoder_params": plan.kept_params, "dense_decoder_params": plan.shape.total_params,
+            "parameters": params, "padding_parameters": padding_params(plan), "weight_dtype": dtype,
+            "weight_bytes": params * dtype_bytes(dtype, default=4)}
 
 
 def plot_widths(art, sparsities, path: Path) -> None:

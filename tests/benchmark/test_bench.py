@@ -176,7 +176,7 @@ def test_speed_without_vllm_names_the_fix(arts, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     result = CliRunner().invoke(cli.app, ["bench", str(arts[0]), "--speed", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "gisp-deploy[vllm]" in result.output
+    assert result.exit_code == 2 and "pip install -e '.[vllm]'" in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -233,7 +233,7 @@ def test_steady_timings_give_no_warning_and_a_speed_up_within_its_bound(arts, tm
     assert 1.2 < row["ideal_speedup"] < 1.3
 
 
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
 def test_speed_on_vllm(arts):
     from transformers import AutoModelForCausalLM
 

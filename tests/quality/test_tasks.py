@@ -18,6 +18,8 @@ def test_continuation_task_and_accuracy(tmp_path):
     for r in rows:
         assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
         assert r["prompt"] + r["choices"][r["answer"]] in text  # the answer is the true continuation
+        at = text.index(r["prompt"] + r["choices"][r["answer"]])
+        assert at == 0 or not (text[at - 1].isalnum() or r["prompt"][0].isspace())  # starts a word, not mid-word
     assert rows == build_continuation_task(tok, [EXAMPLE_HELDOUT], n=12, seed=0)
     path = tmp_path / "task.jsonl"
     write_jsonl(rows, path)

@@ -11,7 +11,7 @@ from gisp_deploy.families import ModelShape
 from gisp_deploy.modeling import build_model, padding_params
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.pruning.methods import PruneConfig, prune
-from gisp_deploy.ranking import SparsityError
+from gisp_deploy.arguments import SparsityError
 from gisp_deploy.slicing.loader import load
 from gisp_deploy.slicing.oracle import apply_oracle
 from tests.factory import (EXAMPLE_MODEL, FAMILIES, assert_matches, decoder_linear_params, dense_model, extreme_plans,

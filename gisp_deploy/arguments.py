@@ -1,0 +1,81 @@
+"""Checks of command-line values that need no torch: they run before any heavy import, so a typo answers at once."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+HUB_PREFIX = "hf://"  # `--calib hf://NAME`: a Hugging Face dataset; any other name is a local path
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}  # name -> torch's
+
+
+class SparsityError(ValueError):
+    pass
+
+
+def parse_sparsities(text: str | float | list) -> list[float]:
+    """'0,0.2,0.4' -> [0.0, 0.2, 0.4], refusing NaN, negative and >= 1 values."""
+    if isinstance(text, (int, float)):
+        items = [text]
+    elif isinstance(text, str):
+        items = text.replace(" ", "").split(",")
+        if len(items) > 1 and "" in items:
+            raise SparsityError(f"sparsities {text!r} have an empty item; separate values by single commas, "
+                                "e.g. 0.2,0.4")
+        items = [t for t in items if t]
+    else:
+        items = list(text)
+    if not items:
+        raise SparsityError("no sparsity given; pass e.g. --sparsities 0.2,0.4")
+    out = []
+    for item in items:
+        try:
+            s = float(item)
+        except ValueError:
+            raise SparsityError(f"sparsity {item!r} is not a number; pass fractions such as 0.4") from None
+        if not math.isfinite(s) or s < 0 or s >= 1:
+            raise SparsityError(f"sparsity {item!r} is out of range: it is a fraction of parameters in [0, 1), e.g. 0.4")
+        out.append(s)
+    return out
+
+
+def parse_ints(text, flag: str, minimum: int = 1, example: str = "1,16") -> tuple[int, ...]:
+    """'128,512' (or a sequence) -> (128, 512), each at least `minimum`."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        vals = tuple(int(x) for x in items if str(x).strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. {example}") from None
+    if not vals or min(vals) < minimum:
+        raise ValueError(f"{flag} {text!r}: give integers >= {minimum}, e.g. {example}")
+    return vals
+
+
+def check_dtype(name: str | None, flag: str = "--dtype", auto: bool = True) -> str | None:
+    if (auto and name in (None, "auto")) or name in DTYPE_NAMES:
+        return name
+    choices = "auto, float32, bfloat16 or float16" if auto else "float32, bfloat16 or float16"
+    raise ValueError(f"{flag} {name!r}: choose {choices}")
+
+
+def check_device(name: str) -> str:
+    kind, _, index = str(name).partition(":")
+    if name == "auto" or (kind in ("cpu", "cuda") and (not index or index.isdigit())):
+        return name
+    raise ValueError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def check_max_tokens(max_tokens: int | None, seq_lens) -> None:
+    """--max-tokens N must leave at least one window of the longest context (0 or None: every token)."""
+    if max_tokens and max_tokens < max(seq_lens):
+        raise ValueError(f"--max-tokens {max_tokens} is shorter than one {max(seq_lens)}-token window; pass 0 "
+                         f"(every token) or at least {max(seq_lens)}")
+
+
+def require_local(paths, flag: str) -> None:
+    """Every local path exists (`hf://NAME` is a hub dataset, checked when read)."""
+    for p in paths:
+        if not str(p).startswith(HUB_PREFIX) and not Path(p).exists():
+            raise ValueError(f"{flag} {p}: no such file or directory (a Hugging Face dataset is named "
+                             f"{HUB_PREFIX}NAME)")
