@@ -7,12 +7,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .integrity import ArtifactError, inside, refuse_remote_code, sha256_file, verify_files
 from .output import atomic_dir
 
 # families, ranking and safetensors_file (torch) are imported where used: reading a manifest must not import
 # torch, so that `gisp-deploy inspect TYPO` answers at once
+if TYPE_CHECKING:
+    from .families import ModelShape
+    from .ranking import Ranking
 
 FORMAT = "gisp-deploy-artifact"
 FORMAT_VERSION = 2  # 2: `files` holds the sha256 of every file of the artifact; 1: of the weights and ranking only

@@ -76,7 +76,8 @@ def _weights_key(art) -> tuple:
 
 
 class Bench:
-    """Measures artifacts slice by slice; `on_record` sees each record as soon as it is complete."""
+    """Measures artifacts slice by slice; `on_record` sees each record as soon as it is complete; `progress`
+    (quality.tasks.Progress) each quality pass ("art-gisp s=0.4 persuasion.txt.gz", with its total)."""
 
     def __init__(self, cfg: BenchConfig, *, on_record=None, progress=None, log=print):
         self.cfg, self.on_record, self.progress, self.log = cfg, on_record, progress, log
@@ -146,7 +147,7 @@ class Bench:
                 "kv_bytes_per_token": summary.kv_bytes_per_token,
                 "weight_read_params": weight_read_params(summary.parameters, art.config)}
         quality = measure_quality(model, tok, streams, cfg.seq_lens, cfg.tasks, batch_size=cfg.batch_size,
-                                  progress=self.progress)
+                                  progress=self.progress, label=f"{ident['name']} s={plan.sparsity:g}")
         del model
         gc.collect()
         return [size, *({**ident, **r} for r in quality), *self._speed(art, plan.sparsity, ident)]
@@ -220,7 +221,9 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
           log=print):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
-    Returns (records, paths written). Sparsities, seq_lens and batch_sizes: comma-separated or sequences."""
+    Returns (records, paths written). Sparsities, seq_lens and batch_sizes: comma-separated or sequences.
+    progress(description, total, unit) -> advance(n) is told of each perplexity and accuracy pass before it
+    starts (one per slice and text, in tokens, and per slice and task, in items)."""
     from ..hf import pick_device, pick_dtype
     from .report import environment, write_markdown, write_plots, write_results
 

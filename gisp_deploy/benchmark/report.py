@@ -160,56 +160,111 @@ def write_markdown(out: Path, records: list[dict], meta: dict) -> Path:
     return path
 
 
-def _panels(out: Path, n: int, title: str, fname: str, draw) -> list[Path]:
-    """A row of `n` plots, draw(k, axes) filling the k-th, saved as OUT/fname; none when n is 0."""
+def _panels(n: int, title: str, draw):
+    """A row of `n` plots, draw(k, axes) filling the k-th, with one legend for them all below the row (never over
+    a line); None when n is 0."""
     if n == 0:
-        return []
-    import matplotlib.pyplot as plt
+        return None
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
-    for k, ax in enumerate(axes[0]):
+    fig = Figure(figsize=(5.2 * n, 4.8), layout="constrained")
+    for k, ax in enumerate(fig.subplots(1, n, squeeze=False)[0]):
         draw(k, ax)
         ax.grid(alpha=0.3)
         ax.set_xlabel("sparsity (achieved, fraction of decoder linear parameters)")
-        ax.legend(fontsize=8)
+    entries = {}  # label -> handle, over every panel: an artifact is one entry however many panels show it
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        entries.update(zip(labels, handles))
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3),
+               fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out) / fname
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return fig
 
 
-def write_plots(out: Path, records: list[dict]) -> list[Path]:
-    import matplotlib
+def plain_log_axis(ax, values) -> None:
+    """A log y axis around `values` labelled with plain numbers (70, 100, 200; never 7×10^1): ticks at powers of
+    ten, else 1-2-5 or 1..9 steps, the coarsest giving three inside the data; three rounded values when even
+    1..9 steps give fewer than two. Minor ticks stay unlabelled."""
+    import math
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    colors = {name: plt.get_cmap("tab10")(k % 10) for k, name in enumerate(_series(records))}
-    written = []
+    lo, hi = min(values) / 1.08, max(values) * 1.08
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = []
+    for steps in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** d for d in decades for m in steps if lo <= m * 10.0 ** d <= hi]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 2:  # the data spans less than one 1..9 step: its ends and middle
+        ticks = [float(f"{v:.3g}") for v in (lo * 1.04, math.sqrt(lo * hi), hi / 1.04)]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def wilson_interval(accuracy: float, items: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a binomial proportion: right near 0 and 1 and for few items, where
+    the normal approximation p ± z·sqrt(p(1-p)/n) leaves [0, 1]."""
+    n, p = items, accuracy
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return centre - half, centre + half
+
+
+def _chance(rec: dict) -> float | None:
+    """The accuracy of guessing on the record's task (records before `chance` was recorded: 1/choices)."""
+    if "chance" in rec:
+        return rec["chance"]
+    return 1 / rec["choices"] if rec.get("choices") else None
+
+
+def figures(records: list[dict]) -> dict:
+    """The plots of `records` as matplotlib Figures by file name: perplexity.png, accuracy.png, speedup.png,
+    each with one panel per text and context length, task or batch size (at most 4), those with data."""
+    from matplotlib import colormaps
+
+    colors = {name: colormaps["tab10"](k % 10) for k, name in enumerate(_series(records))}
+    # hollow markers of a shape per artifact: where two artifacts measure the same, both stay visible
+    marks = {name: dict(marker="osD^vP*X"[k % 8], mfc="none", mew=1.5, ms=7) for k, name in enumerate(colors)}
+    figs = {}
 
     keys = ppl_keys(records)[:4]
 
     def draw_ppl(k, ax):
         text, L = keys[k]
+        values = []
         for name, recs in _series(records, "perplexity").items():
             pts = [(r["achieved_sparsity"], r["perplexity"]) for r in recs if (r["text"], r["seq_len"]) == (text, L)]
-            ax.plot(*zip(*pts), "o-", color=colors[name], label=name)
-        ax.set_yscale("log")
+            ax.plot(*zip(*pts), "-", **marks[name], color=colors[name], label=name)
+            values += [p for _, p in pts]
+        plain_log_axis(ax, values)
         ax.set(title=f"{text}, {L}-token windows", ylabel="perplexity (log scale, lower is better)")
 
-    written += _panels(out, len(keys), "Held-out perplexity vs sparsity", "perplexity.png", draw_ppl)
+    figs["perplexity.png"] = _panels(len(keys), "Held-out perplexity vs sparsity", draw_ppl)
 
     tasks = task_names(records)[:4]
 
     def draw_acc(k, ax):
+        chance, items = set(), set()
         for name, recs in _series(records, "accuracy").items():
-            pts = [(r["achieved_sparsity"], r["accuracy"]) for r in recs if r["task"] == tasks[k]]
-            ax.plot(*zip(*pts), "o-", color=colors[name], label=name)
-        ax.set(title=tasks[k], ylabel="accuracy (higher is better)", ylim=(0, 1))
+            pts = [r for r in recs if r["task"] == tasks[k]]
+            xs, ys = [r["achieved_sparsity"] for r in pts], [r["accuracy"] for r in pts]
+            spans = [wilson_interval(r["accuracy"], r["items"]) for r in pts]
+            below_above = [[y - lo for y, (lo, _) in zip(ys, spans)], [hi - y for y, (_, hi) in zip(ys, spans)]]
+            ax.errorbar(xs, ys, yerr=below_above, fmt="-", **marks[name], capsize=3, color=colors[name], label=name)
+            chance |= {round(c, 6) for c in map(_chance, pts) if c is not None}
+            items |= {r["items"] for r in pts}
+        for c in sorted(chance):
+            ax.axhline(c, color="gray", ls="--", lw=1.2, label=f"chance {c:.3g} (a random guess)")
+        n = "/".join(map(str, sorted(items)))
+        ax.set(title=f"{tasks[k]}, {n} items\nbars: 95% Wilson interval", ylabel="accuracy (higher is better)",
+               ylim=(0, 1))
 
-    written += _panels(out, len(tasks), "Task accuracy vs sparsity", "accuracy.png", draw_acc)
+    figs["accuracy.png"] = _panels(len(tasks), "Task accuracy vs sparsity", draw_acc)
 
     batches = sorted({r["batch_size"] for r in of(records, "speed")})[:4]
 
@@ -226,5 +281,15 @@ def write_plots(out: Path, records: list[dict]) -> list[Path]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(title=f"batch {batches[k]}", ylabel="decode speed-up over dense (x)")
 
-    written += _panels(out, len(batches), "vLLM decode speed-up vs sparsity", "speedup.png", draw_speed)
+    figs["speedup.png"] = _panels(len(batches), "vLLM decode speed-up vs sparsity", draw_speed)
+    return {fname: fig for fname, fig in figs.items() if fig is not None}
+
+
+def write_plots(out: Path, records: list[dict]) -> list[Path]:
+    """OUT/perplexity.png, accuracy.png, speedup.png: those `records` have data for."""
+    written = []
+    for fname, fig in figures(records).items():
+        path = Path(out) / fname
+        fig.savefig(path, dpi=120)
+        written.append(path)
     return written

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
+from .common import pass_reporter, progress_bar
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -91,23 +92,19 @@ def bench(
     for a in artifacts:
         read_manifest(a)
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..benchmark.bench import bench as run
     from ..benchmark.report import warnings
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     command = shlex.join(["gisp-deploy", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "bench"
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,} tokens"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task("perplexity", total=None)
+    with progress_bar(transient=True, on=console) as progress:
         records, written = run(artifacts, sparsities=sparsities, texts=text, tasks=task, seq_lens=seq_lens,
                                max_tokens=max_tokens, batch_size=batch_size, device=device, dtype=dtype,
                                serve_dtype=serve_dtype, tp_size=tp_size, channel_multiple=channel_multiple,
                                speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
                                repeats=repeats, tolerance=tolerance, until_stable=until_stable,
                                max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
-                               progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m))
+                               progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m))
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))

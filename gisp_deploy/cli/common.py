@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 console = Console(stderr=True)
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)
@@ -32,17 +33,32 @@ def friendly(fn):
     return wrapper
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+def progress_bar(transient: bool = False, on: Console = console) -> Progress:
+    """One line per pass (add them with pass_reporter): the description, the bar, done/total and its unit,
+    times. The bar takes the width the rest leaves (as tqdm's does): on a narrow terminal it gives way first."""
+    def whole():
+        return Column(no_wrap=True)
+    return Progress(TextColumn("{task.description}", table_column=whole()),
+                    BarColumn(bar_width=None, table_column=Column(ratio=1)), MofNCompleteColumn(table_column=whole()),
+                    TextColumn("{task.fields[unit]}", table_column=whole()), TimeElapsedColumn(table_column=whole()),
+                    TimeRemainingColumn(table_column=whole()), console=on, transient=transient, expand=True)
 
 
-def pass_reporter(progress: Progress):
-    def on_pass(description: str, total: int):
-        task = progress.add_task(description, total=total)
-        return lambda n: progress.advance(task, n)
+def pass_reporter(progress: Progress, keep: bool = True):
+    """The library's progress callback (quality.tasks.Progress; prune's on_pass): a bar per pass. keep=False
+    drops a bar once its pass is done, so a long run shows only the passes under way."""
+    def on_pass(description: str, total: int, unit: str = "tokens"):
+        task = progress.add_task(description, total=total, unit=unit)
+        left = total
+
+        def advance(n: int) -> None:
+            nonlocal left
+            progress.advance(task, n)
+            left -= n
+            if not keep and left <= 0 < left + n:  # the advance that finished the pass
+                progress.remove_task(task)
+        return advance
     return on_pass
-
 
 
 def say(message: str) -> None:

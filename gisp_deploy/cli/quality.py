@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .common import (alias_option, batch_size_option, channel_multiple_option, console, device_option, dtype_option,
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
+from .common import pass_reporter
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
@@ -74,18 +75,21 @@ def eval_(
     dev = pick_device(device)
     tok = load_tokenizer(art.path)
     with progress_bar() as progress:
-        bar = progress.add_task("evaluating", total=None)
         records = evaluate_slices(art, tok, sps, [str(t) for t in text], lens, path=path, device=dev,
                                   dtype=pick_dtype(dtype, dev), tp_size=tp_size, channel_multiple=channel_multiple,
                                   max_tokens=max_tokens or None, batch_size=batch_size,
-                                  progress=lambda n: progress.advance(bar, n), tasks=[str(t) for t in task])
+                                  progress=pass_reporter(progress), tasks=[str(t) for t in task])
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")
         return
     table = Table(title=f"{artifact} ({art.manifest.get('method')})")
+    names = [r.get("text") or r["task"] for r in records]
     for col in ("sparsity", "achieved", "text / task", "seq_len", "perplexity", "accuracy"):
-        table.add_column(col, justify="right")
+        if col == "text / task":  # file names whole: on a narrow terminal the numbers' headers give way
+            table.add_column(col, no_wrap=True, min_width=max(map(len, names), default=0))
+        else:
+            table.add_column(col, justify="right")
     for r in records:
         if "perplexity" in r:
             table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["text"], str(r["seq_len"]),
@@ -93,7 +97,7 @@ def eval_(
         else:
             table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["task"], "", "",
                           f"{r['accuracy']:.3f} ({r['items']} items)")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: not cut to 80 columns
 
 
 CHECK_EXAMPLES = """

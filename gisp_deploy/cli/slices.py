@@ -31,7 +31,8 @@ def inspect(
     sparsities: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default: 0.1 steps up to "
                                              "coverage)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stable JSON description, with kept indices."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths across sparsities."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths (query heads, KV heads, MLP "
+                                        "channels kept) across sparsities."),
     sparsity: Optional[str] = alias_option("--sparsity"),
 ):
     """Show what an artifact holds and the per-layer widths of its slices."""

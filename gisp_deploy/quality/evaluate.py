@@ -13,13 +13,13 @@ from ..loss import sequence_nll
 from ..plan import plan_slice
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
-from .tasks import task_accuracy
+from .tasks import Progress, task_accuracy
 
 
 @torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, progress=None) -> tuple[float, int]:
+def perplexity(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, advance=None) -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping `seq_len` windows of `tokens` (tail dropped); also the count
-    of predicted tokens."""
+    of predicted tokens. advance(n) is told of the n tokens of each batch (window_tokens(...) in all)."""
     n = len(tokens) // seq_len
     if n == 0:
         raise ValueError(f"text has {len(tokens)} tokens, fewer than one {seq_len}-token window")
@@ -30,10 +30,23 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, 
         batch = batch.to(dev)
         ones = torch.ones_like(batch)
         total += float(sequence_nll(model, batch, ones, ones).double().sum()) * (seq_len - 1)
-        if progress:
-            progress(batch.numel())
+        if advance:
+            advance(batch.numel())
     count = n * (seq_len - 1)
     return math.exp(total / count), count
+
+
+def window_tokens(tokens: torch.Tensor, seq_len: int) -> int:
+    """Tokens the perplexity windows of `tokens` read: whole windows only."""
+    return len(tokens) // seq_len * seq_len
+
+
+def describe_pass(label: str, name: str, limit: int = 48) -> str:
+    """A progress description, `label` first ("s=0.4 persuasion.txt.gz"); a very long file name keeps its start
+    and end."""
+    if len(name) > limit:
+        name = f"{name[:limit // 2 - 1]}…{name[-(limit // 2):]}"
+    return f"{label} {name}" if label else name
 
 
 def slice_identity(artifact, plan) -> dict:
@@ -52,24 +65,34 @@ def text_streams(tokenizer, texts, max_tokens: int | None) -> dict[str, torch.Te
 
 
 def measure_quality(model, tokenizer, streams: dict, seq_lens=(128,), tasks=(), *, batch_size: int = 16,
-                    progress=None) -> list[dict]:
-    """A perplexity record per (text, seq_len) and an accuracy record per task, without the slice's identity."""
+                    progress: Progress | None = None, label: str = "") -> list[dict]:
+    """A perplexity record per (text, seq_len) and an accuracy record per task, without the slice's identity.
+    `progress` is told of one pass per text (its tokens over every seq_len) and one per task (its items), each
+    described as `label` and the file's name."""
     records = []
     for name, stream in streams.items():
+        advance = None
+        if progress:
+            advance = progress(describe_pass(label, name), sum(window_tokens(stream, L) for L in seq_lens), "tokens")
         for L in seq_lens:
-            ppl, count = perplexity(model, stream, L, batch_size, progress)
+            ppl, count = perplexity(model, stream, L, batch_size, advance)
             records.append({"measure": "perplexity", "text": name, "seq_len": L, "perplexity": ppl, "tokens": count})
+    named = (lambda name, total, unit: progress(describe_pass(label, name), total, unit)) if progress else None
     for task in tasks:
-        records.append({"measure": "accuracy", **task_accuracy(model, tokenizer, task, batch_size=batch_size)})
+        records.append({"measure": "accuracy", **task_accuracy(model, tokenizer, task, batch_size=batch_size,
+                                                               progress=named)})
     return records
 
 
 def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), *, path: str = "compact",
                     device="cpu", dtype=torch.float32, tp_size: int = 1, channel_multiple: int = 1,
-                    max_tokens: int | None = 65536, batch_size: int = 16, progress=None, tasks=()) -> list[dict]:
+                    max_tokens: int | None = 65536, batch_size: int = 16, progress: Progress | None = None,
+                    tasks=()) -> list[dict]:
     """Measurement records of slices: perplexity per (sparsity, text, seq_len), accuracy per (sparsity, task).
     path="compact" loads each slice as a smaller model; "oracle" zeroes the removed structures of the dense
-    model (what the compact model must compute)."""
+    model (what the compact model must compute). progress(description, total, unit) -> advance(n), if given,
+    is called before each pass, one per slice and text ("s=0.4 persuasion.txt.gz", its tokens) and per slice
+    and task (its items); the pass then calls advance(n) as n more are done, up to its total."""
     if path not in ("compact", "oracle"):
         raise ValueError(f"unknown evaluation path {path!r}; choose compact or oracle")
     streams = text_streams(tokenizer, texts, max_tokens)
@@ -83,6 +106,6 @@ def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), 
         model = slicer.apply(plan) if slicer else load(artifact, plan=plan, device=device, dtype=dtype)
         base = {**slice_identity(artifact, plan), "path": path}
         records += [{**base, **r} for r in measure_quality(model, tokenizer, streams, seq_lens, tasks,
-                                                           batch_size=batch_size, progress=progress)]
+                                                           batch_size=batch_size, progress=progress, label=f"s={s:g}")]
         del model
     return records

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..data import encode_pair, read_jsonl, token_stream
 from ..loss import sequence_nll
+
+# progress(description, total, unit) -> advance(n): told of each pass (a text's tokens, a task's items) before it
+# starts, with its total; advance(n) as n more are done, so the advances of a pass sum to its total.
+Progress = Callable[[str, int, str], Callable[[int], None]]
 
 
 def build_continuation_task(tokenizer, paths, n: int, context_tokens: int = 48, continuation_tokens: int = 12,
@@ -63,15 +70,20 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def task_accuracy(model, tokenizer, path, seq_len: int = 512, batch_size: int = 16) -> dict:
+def task_accuracy(model, tokenizer, path, seq_len: int = 512, batch_size: int = 16,
+                  progress: Progress | None = None) -> dict:
     """Multiple-choice accuracy: the option with the highest total log-likelihood given the prompt
-    (lm-eval's `acc`), and with the highest per-token log-likelihood (`acc_norm`-style)."""
+    (lm-eval's `acc`), and with the highest per-token log-likelihood (`acc_norm`-style). `progress` is told of
+    one pass named after the file, counted in items (an item is done when its last option is scored)."""
     rows = read_jsonl(Path(path))
+    advance = progress(Path(path).name, len(rows), "items") if progress else None
     seqs, masks, owner = [], [], []
     for i, r in enumerate(rows):
         for choice in r["choices"]:
             s, m = encode_pair(tokenizer, r["prompt"], choice, seq_len)
             seqs.append(s), masks.append(m), owner.append(i)
+    ends = list(itertools.accumulate(len(r["choices"]) for r in rows))  # item i's options end at ends[i]
+    done = 0
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, mean = [], []
@@ -89,10 +101,18 @@ def task_accuracy(model, tokenizer, path, seq_len: int = 512, batch_size: int = 
         count = lm[:, 1:].sum(1).double()
         mean += (-nll).tolist()
         total += (-nll * count).tolist()
+        if advance:
+            now = bisect.bisect_right(ends, chunk[-1] + 1)  # items whose every option is scored
+            advance(now - done)
+            done = now
     correct = correct_norm = 0
     for i, r in enumerate(rows):
         idx = [j for j, o in enumerate(owner) if o == i]
         correct += int(max(range(len(idx)), key=lambda k: total[idx[k]]) == r["answer"])
         correct_norm += int(max(range(len(idx)), key=lambda k: mean[idx[k]]) == r["answer"])
+    options = [len(r["choices"]) for r in rows]
     return {"task": Path(path).name, "items": len(rows), "accuracy": correct / len(rows),
-            "accuracy_norm": correct_norm / len(rows)}
+            "accuracy_norm": correct_norm / len(rows),
+            # options per item (their mean when items differ) and the accuracy of guessing: plots draw it
+            "choices": options[0] if len(set(options)) == 1 else sum(options) / len(options),
+            "chance": sum(1 / k for k in options) / len(options)}

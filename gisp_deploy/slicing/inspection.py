@@ -37,28 +37,47 @@ def slice_size(art, plan) -> dict:
             "weight_bytes": params * dtype_bytes(dtype, default=4)}
 
 
-def plot_widths(art, sparsities, path: Path) -> None:
-    import matplotlib
+MARKERS = "osD^vP*Xh<>p"
+LINESTYLES = ("-", "--", "-.", ":")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def widths_figure(art, sparsities):
+    """Per-layer widths of each slice, a matplotlib Figure: panels of query heads, KV heads and MLP channels
+    kept, one line per sparsity. Lines that coincide (a protected layer keeps everything at every sparsity) stay
+    visible: each sparsity has its own marker and dash and is shifted a little sideways; the legend sits
+    beside the panels, never on the data."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     shape = art.shape
-    layers = list(range(shape.num_layers))
-    fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    cmap = plt.get_cmap("viridis")
+    layers = range(shape.num_layers)
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3, sharex=True)
+    panels = [("query heads kept", "heads", shape.num_heads, lambda lp: len(lp.q_heads)),
+              ("KV heads kept", "KV heads", shape.num_kv_heads, lambda lp: len(lp.kv_heads)),
+              ("MLP channels kept", "channels", shape.intermediate, lambda lp: len(lp.channels))]
+    n = len(sparsities)
+    shift = 0.3 / max(1, n - 1)  # the lines of one layer spread over 0.3 of a layer
     for k, s in enumerate(sparsities):
         plan = plan_slice(art.ranking, s)
-        color = cmap(k / max(1, len(sparsities) - 1))
-        label = f"s={s:g} ({plan.achieved_sparsity:.3f})"
-        ax_h.plot(layers, [len(lp.q_heads) for lp in plan.layers], "o-", color=color, label=label)
-        ax_c.plot(layers, [len(lp.channels) for lp in plan.layers], "o-", color=color, label=label)
-    ax_h.set(title="query heads kept", xlabel="layer", ylabel="heads", ylim=(-0.3, shape.num_heads + 0.3))
-    ax_c.set(title="MLP channels kept", xlabel="layer", ylabel="channels", ylim=(0, shape.intermediate * 1.03))
-    for ax in (ax_h, ax_c):
+        style = dict(color=colormaps["viridis"](k / max(1, n - 1)), marker=MARKERS[k % len(MARKERS)],
+                     linestyle=LINESTYLES[k % len(LINESTYLES)], markersize=5, alpha=0.85,
+                     label=f"s={s:g} ({plan.achieved_sparsity:.3f})")
+        xs = [layer + (k - (n - 1) / 2) * shift for layer in layers]
+        for ax, (_, _, _, width) in zip(axes, panels):
+            ax.plot(xs, [width(lp) for lp in plan.layers], **style)
+    for ax, (title, unit, full, _) in zip(axes, panels):
+        ax.set(title=title, xlabel="layer", ylabel=unit, ylim=(-0.03 * full, full * 1.03))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    ax_c.legend(title="sparsity (achieved)", fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), title="sparsity (achieved)", loc="outside right upper",
+               fontsize=8)
     fig.suptitle(f"{art.manifest.get('method')} — per-layer widths ({art.path.name})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_widths(art, sparsities, path: Path) -> None:
+    """widths_figure as a PNG."""
+    widths_figure(art, sparsities).savefig(path, dpi=120)

@@ -136,6 +136,79 @@ def test_report_files_and_plots(records, tmp_path):
     assert img.shape[0] > 300 and img.shape[1] > 600 and img.std() > 0.05  # two panels, not blank
 
 
+def _outside_every_panel(fig) -> bool:
+    """The figure's legend overlaps none of its panels (drawn first, so that boxes are final)."""
+    fig.draw_without_rendering()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    return all(ax.get_legend() is None and not box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+
+
+def _tick_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+
+
+def test_accuracy_plot_has_chance_line_and_intervals(records):
+    from matplotlib.container import ErrorbarContainer
+
+    from gisp_deploy.benchmark.report import figures, wilson_interval
+
+    fig = figures(records)["accuracy.png"]
+    (ax,) = fig.axes  # one task
+    chance = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--" and set(ln.get_ydata()) == {0.25}]
+    assert len(chance) == 1 and "chance" in chance[0].get_label()  # 4 choices
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in bars] == ["art-magnitude (magnitude)", "art-random (random)"]
+    acc = [r for r in records if r["measure"] == "accuracy" and r["name"] == "art-random"]
+    lo, hi = wilson_interval(acc[-1]["accuracy"], 24)
+    (segments,) = bars[1][2]  # the vertical bar of every point
+    assert segments.get_segments()[-1][:, 1].tolist() == pytest.approx([lo, hi])
+    assert "Wilson" in ax.get_title() and "24 items" in ax.get_title()
+    assert _outside_every_panel(fig)
+
+
+def test_wilson_interval():
+    from gisp_deploy.benchmark.report import wilson_interval
+
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # the textbook 50 of 100
+    lo, hi = wilson_interval(0.0, 24)
+    assert lo == pytest.approx(0) and 0.1 < hi < 0.15  # inside [0, 1], where p ± 1.96·sqrt(p(1-p)/n) is (0, 0)
+
+
+@pytest.mark.parametrize("values", [(72.3, 74.1), (68.0, 71.0, 105.0), (5.2, 48.0), (40.0, 91000.0), (1.3, 1.31)])
+def test_log_axis_reads_plain_numbers(values):
+    from matplotlib.figure import Figure
+
+    from gisp_deploy.benchmark.report import plain_log_axis
+
+    ax = Figure().subplots()
+    ax.plot(range(len(values)), values)
+    plain_log_axis(ax, values)
+    ax.figure.draw_without_rendering()
+    labels = _tick_labels(ax)
+    assert len(labels) >= 2, labels
+    for text in labels:  # "70", "1,000", "1.3": never 7×10^1 (mathtext "$\\mathdefault{7\\times10^{1}}$")
+        assert "10^" not in text and "times" not in text and "$" not in text and "e+" not in text
+        float(text.replace(",", ""))
+    lo, hi = ax.get_ylim()
+    assert lo <= min(values) and max(values) <= hi
+
+
+def test_perplexity_plot_panels_and_legend(records):
+    from gisp_deploy.benchmark.report import figures
+
+    figs = figures(records)
+    assert sorted(figs) == ["accuracy.png", "perplexity.png"]  # no speed records, no speed-up plot
+    fig = figs["perplexity.png"]
+    assert [ax.get_title() for ax in fig.axes] == ["persuasion.txt.gz, 32-token windows",
+                                                   "persuasion.txt.gz, 64-token windows"]
+    assert _outside_every_panel(fig)  # drawn: the tick labels are final
+    for ax in fig.axes:
+        assert ax.get_yscale() == "log" and len(ax.get_lines()) == 2
+        labels = _tick_labels(ax)
+        assert labels and all("10^" not in t and "$" not in t for t in labels), labels
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", "bench", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,6 +98,23 @@ def test_eval_json_records(artifact):
     assert oracle.returncode == 0, oracle.stderr
     for a, b in zip(recs, json.loads(oracle.stdout)["results"]):
         assert b["path"] == "oracle" and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+
+
+def test_eval_progress_has_totals_and_whole_names(artifact, tmp_path):
+    from gisp_deploy.hf import load_tokenizer
+    from gisp_deploy.quality.tasks import build_continuation_task, write_jsonl
+
+    task = tmp_path / "heldout-continuation-task.margin.jsonl"
+    write_jsonl(build_continuation_task(load_tokenizer(artifact), [str(EXAMPLE_HELDOUT)], 8, seed=1), task)
+    res = cli("eval", artifact, "--sparsity", "0,0.4", "--text", EXAMPLE_HELDOUT, "--task", task, "--seq-len", "32",
+              "--max-tokens", "1000", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    assert "/?" not in res.stderr  # every bar knows its total
+    for s in ("0", "0.4"):
+        assert f"s={s} persuasion.txt.gz" in res.stderr and f"s={s} {task.name}" in res.stderr
+    counts = re.findall(r"(\d+)/(\d+) +(\w+)", res.stderr)  # done/total unit, as the bars end
+    assert sorted(set(counts)) == [("8", "8", "items"), ("992", "992", "tokens")]  # 31 windows of 32; items
+    assert task.name in res.stdout  # the table shows it whole
 
 
 @pytest.mark.parametrize("bad,message", [("-0.1", "out of range"), ("nan", "out of range"), ("1.5", "out of range"),
