@@ -5,13 +5,14 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
+from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -22,6 +23,9 @@ BENCH_EXAMPLES = """
   # several artifacts (methods) in one comparison, with task accuracy; plots and report in ./cmp
   gisp-deploy bench llama3-gisp llama3-wanda llama3-random --text heldout.txt.gz \\
       --task continuation-test.margin.jsonl --out cmp
+
+  # standard benchmarks through lm-eval (names in its index, or local task YAML files), with standard errors
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.4 --lm-eval-tasks hellaswag,arc_easy
 
   # vLLM decode speed at batch 1 and 16 against the dense model, and the ideal speed-up
   gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed --batch-sizes 1,16
@@ -57,6 +61,9 @@ def bench(
                              "(created; files in it are replaced)."),
     plots: bool = typer.Option(True, help="Write PNG plots."),
     verify: bool = verify_option(),
+    lm_eval_tasks: str = lm_eval_tasks_option(),
+    lm_eval_limit: int = lm_eval_limit_option(),
+    num_fewshot: Optional[int] = num_fewshot_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -73,7 +80,9 @@ def bench(
                                serve_dtype=serve_dtype, tp_size=tp_size, channel_multiple=channel_multiple,
                                speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
                                repeats=repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
-                               progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m))
+                               progress=lambda n: progress.advance(bar, n), log=lambda m: progress.console.print(m),
+                               lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
+                               num_fewshot=num_fewshot)
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))
@@ -84,15 +93,16 @@ def results_table(records):
     """One row per slice: sizes, load time, perplexities, accuracies, speeds."""
     from rich.table import Table
 
-    from ..benchmark.report import of, ppl_keys, speed_rows, task_names, value
+    from ..benchmark.report import lm_eval_cell, lm_eval_keys, of, ppl_keys, speed_rows, task_names, value
 
-    keys, tasks = ppl_keys(records), task_names(records)
+    keys, tasks, lm_keys = ppl_keys(records), task_names(records), lm_eval_keys(records)
     batches = sorted({r["batch_size"] for r in of(records, "speed")})
     table = Table(title="gisp-deploy bench")
     one_text, one_task = len({t for t, _ in keys}) == 1, len(tasks) == 1
     for col in ["artifact", "method", "sparsity", "achieved", "params", "weights MiB", "KV B/tok", "load s",
                 *[f"ppl@{L}" if one_text else f"ppl {t}@{L}" for t, L in keys],
                 *["accuracy" if one_task else f"acc {t}" for t in tasks],
+                *[f"{t} {m}" + ("" if f == "none" else f" ({f})") for t, m, f in lm_keys],
                 *[f"b{b} tok/s" for b in batches], *[f"b{b} speed-up (ideal)" for b in batches]]:
         table.add_column(col, justify="left" if col in ("artifact", "method") else "right")
     for r in of(records, "size"):
@@ -105,6 +115,7 @@ def results_table(records):
                       f"{r['kv_bytes_per_token']:,}", f"{r['load_s']:.2f}",
                       *[f"{v:.2f}" if v is not None else "" for v in ppl],
                       *[f"{v:.3f}" if v is not None else "" for v in acc],
+                      *[lm_eval_cell(records, at, k) for k in lm_keys],
                       *[f"{sp[b]['output_tokens_per_s']:.1f}" if b in sp else "" for b in batches],
                       *[f"{sp[b]['speedup']:.2f} ({sp[b]['ideal_speedup']:.2f})" if b in sp else "" for b in batches])
     return table
