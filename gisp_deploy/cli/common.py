@@ -98,7 +98,7 @@ def lm_eval_tasks_option() -> str:
     return typer.Option("", "--lm-eval-tasks", help="Comma-separated lm-eval tasks run on each slice through "
                         "lm-eval's own HF wrapper: names in lm-eval's index (hellaswag,arc_easy: their data comes "
                         "from the Hugging Face Hub or its cache) or paths to local task YAML files "
-                        "(examples/lm-eval/). Needs gisp-deploy[lm-eval].")
+                        "(examples/lm-eval/). Needs gisp-deploy\\[lm-eval].")
 
 
 def lm_eval_limit_option() -> int:

@@ -57,9 +57,13 @@ def _read_yaml(spec: str) -> dict:
         cfg = load_yaml(path, resolve_func=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file: say which and why
         raise ValueError(f"{spec}: not a readable lm-eval task YAML ({type(e).__name__}: {e})") from None
-    if not isinstance(cfg.get("task") or cfg.get("group"), str):
+    if not isinstance(_yaml_name(cfg), str):
         raise ValueError(f"{spec}: an lm-eval task YAML names its task (`task: NAME`) or group (`group: NAME`)")
     return cfg
+
+
+def _yaml_name(cfg: dict):
+    return cfg.get("group") if "group" in cfg else cfg.get("task")
 
 
 def _local_files_exist(name: str, cfg: dict) -> None:
@@ -90,14 +94,18 @@ def prepare_tasks(tasks, *, include_path=None) -> LmEvalTasks:
         if not p.is_dir():
             raise ValueError(f"lm-eval include path {p}: no such folder of task YAML files")
     yamls = {s: _read_yaml(s) for s in specs if _is_yaml(s)}
+    # a group YAML names its tasks: lm-eval finds them in its own index and the YAML's folder, loaded by name
+    group_dirs = [Path(s).expanduser().resolve().parent for s, c in yamls.items() if "group" in c]
+    includes += [d for d in dict.fromkeys(group_dirs) if d not in includes]
     # lm-eval's own index (thousands of YAML files, seconds to read) only when a task is named or a group needs it
-    defaults = any(s not in yamls for s in specs) or any("group" in c for c in yamls.values())
+    defaults = any(s not in yamls for s in specs) or bool(group_dirs)
     manager = TaskManager(include_path=[str(p) for p in includes] or None, include_defaults=defaults)
     index = manager.task_index
     items, names = [], []
     for spec in specs:
         if spec in yamls:
-            cfg, name, load_as = yamls[spec], yamls[spec].get("task") or yamls[spec]["group"], str(Path(spec).resolve())
+            cfg, name = yamls[spec], _yaml_name(yamls[spec])
+            load_as = name if "group" in cfg else str(Path(spec).expanduser().resolve())
         elif spec in index:
             cfg, name, load_as = index[spec].cfg or {}, spec, spec
         else:

@@ -104,6 +104,22 @@ def test_accuracy_equals_a_hand_computation_on_the_oracle(artifact, slice_record
         assert got[metric]["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (len(hits) - 1)), rel=1e-9), metric
 
 
+def test_records_from_results_of_groups_and_filters():
+    from gisp_deploy.quality.lm_eval import lm_eval_records
+
+    results = {"results": {"t1": {"alias": "t1", "sample_len": 4, "acc,none": 0.25, "acc_stderr,none": 0.1,
+                                  "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": "N/A"},
+                           "t2": {"acc,none": 1.0, "acc_stderr,none": 0.0}},
+               "groups": {"g": {"alias": "g", "acc,none": 0.7, "acc_stderr,none": 0.05}},
+               "group_subtasks": {"g": ["t1", "t2"]}, "n-shot": {"t1": 0, "t2": 5},
+               "n-samples": {"t1": {"original": 10, "effective": 4}, "t2": {"original": 6, "effective": 6}},
+               "lm_eval_version": "0.4.13"}
+    got = [(r["task"], r["metric"], r["filter"], r["value"], r["stderr"], r["items"], r["num_fewshot"])
+           for r in lm_eval_records(results)]
+    assert got == [("t1", "acc", "none", 0.25, 0.1, 4, 0), ("t1", "exact_match", "strict-match", 0.5, None, 4, 0),
+                   ("t2", "acc", "none", 1.0, 0.0, 6, 5), ("g", "acc", "none", 0.7, 0.05, 10, None)]
+
+
 def test_unknown_task_is_one_error_before_any_model_loads(artifact, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the task list was checked")
@@ -133,6 +149,7 @@ def _cli(*args, env=None):
                           timeout=600, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_eval_command_runs_a_task_yaml(artifact, task_yaml, slice_records):
     res = _cli("eval", artifact.path, "--sparsity", "0,0.4", "--lm-eval-tasks", task_yaml, "--lm-eval-limit", LIMIT,
                "--batch-size", "7", "--json")
@@ -150,6 +167,7 @@ def test_eval_command_runs_a_task_yaml(artifact, task_yaml, slice_records):
     assert "persuasion_continuation acc (lm-eval)" in table.stdout and "± " in table.stdout
 
 
+@pytest.mark.slow
 def test_eval_command_errors_are_one_line(artifact, tmp_path):
     res = _cli("eval", artifact.path, "--sparsity", "0.4", "--lm-eval-tasks", "hellaswg")
     assert res.returncode == 2 and "Traceback" not in res.stderr
