@@ -212,3 +212,9 @@ def test_check_gates_on_lm_eval_acc(artifact, task_yaml, slice_records):
                                                             f"{acc + 0.01:g}"]
     with pytest.raises(ValueError, match="--min-lm-eval-acc needs --lm-eval-tasks"):
         check(artifact.path, [0.4], min_lm_eval_acc=0.5)
+
+
+def test_without_lm_eval_installed_the_error_says_how(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # what `import` sees where lm-eval is not installed
+    with pytest.raises(ValueError, match=r"^lm-eval tasks need lm-eval: pip install 'lm-eval>=0.4.13'$"):
+        prepare_tasks(["arc_easy"])
