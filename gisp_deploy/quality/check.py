@@ -22,6 +22,7 @@ from ..arguments import parse_sparsities
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
 from .evaluate import perplexity
+from .lm_eval import check_options, prepare_tasks, run_lm_eval, split_tasks
 from .tasks import task_accuracy
 from .vllm_greedy import SERVE_TIMEOUT_S, compare_greedy, greedy_reference, vllm_greedy_tokens
 
@@ -77,21 +78,30 @@ class CheckOptions:
     atol: float = 1e-3
     serve: bool = False
     serve_timeout: float = SERVE_TIMEOUT_S
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None
+    min_lm_eval_acc: float | None = None
 
     def __post_init__(self):
         if self.max_ppl_ratio is not None and self.text is None:
             raise ValueError("--max-ppl-ratio needs --text FILE to measure perplexity on")
         if self.min_accuracy is not None and self.task is None:
             raise ValueError("--min-accuracy needs --task FILE.jsonl")
+        if self.min_lm_eval_acc is not None and not self.lm_eval_tasks:
+            raise ValueError("--min-lm-eval-acc needs --lm-eval-tasks TASK[,TASK]")
+        check_options(self.lm_eval_limit)
 
 
 def check(artifact, sparsities=(0.2, 0.4, 0.5), *, text=None, seq_len: int = 128, max_tokens: int = 16384,
           max_ppl_ratio: float | None = None, task=None, min_accuracy: float | None = None, tp_size: int = 1,
           channel_multiple: int = 1, atol: float = 1e-3, serve: bool = False,
-          serve_timeout: float = SERVE_TIMEOUT_S, junit=None, json_report=None, progress=None) -> Checker:
+          serve_timeout: float = SERVE_TIMEOUT_S, junit=None, json_report=None, progress=None, lm_eval_tasks=(),
+          lm_eval_limit: int | None = None, min_lm_eval_acc: float | None = None) -> Checker:
     """`gisp-deploy check` from Python: every check of `artifact` at `sparsities` (see Checker.results);
     `progress` sees each result as it is decided. `serve`: also compare vLLM's greedy tokens with the compact
-    model's on every slice (needs vLLM). The JUnit / JSON reports are written whatever happens."""
+    model's on every slice (needs vLLM). `lm_eval_tasks` (names or task YAML paths) run on every slice, and
+    with `min_lm_eval_acc` each task's lm-eval `acc` is a gate. The JUnit / JSON reports are written whatever
+    happens."""
     if serve:  # before anything is loaded
         from ..serving.process import require_vllm
 
@@ -99,10 +109,12 @@ def check(artifact, sparsities=(0.2, 0.4, 0.5), *, text=None, seq_len: int = 128
     opts = CheckOptions(sparsities=tuple(sorted(parse_sparsities(sparsities))), text=text, seq_len=seq_len,
                         max_tokens=max_tokens, max_ppl_ratio=max_ppl_ratio, task=task, min_accuracy=min_accuracy,
                         tp_size=tp_size, channel_multiple=channel_multiple, atol=atol, serve=serve,
-                        serve_timeout=serve_timeout)
+                        serve_timeout=serve_timeout, lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)),
+                        lm_eval_limit=lm_eval_limit, min_lm_eval_acc=min_lm_eval_acc)
+    lm_eval = prepare_tasks(opts.lm_eval_tasks) if opts.lm_eval_tasks else None  # bad task names: an error, now
     checker = Checker(progress)
     try:
-        ArtifactCheck(Path(artifact), opts, checker).run()
+        ArtifactCheck(Path(artifact), opts, checker, lm_eval).run()
     finally:
         if junit:
             write_junit(checker, junit, f"gisp-deploy check {Path(artifact).name}")
@@ -115,8 +127,8 @@ class ArtifactCheck:
     """The checks of one artifact, in order: integrity, plans and nesting, then per slice loading, exactness
     against the oracle, quality gates and (optionally) vLLM."""
 
-    def __init__(self, path: Path, opts: CheckOptions, checker: Checker):
-        self.path, self.opts, self.c = path, opts, checker
+    def __init__(self, path: Path, opts: CheckOptions, checker: Checker, lm_eval=None):
+        self.path, self.opts, self.c, self.lm_eval = path, opts, checker, lm_eval
 
     def run(self) -> None:
         c, opts = self.c, self.opts
@@ -163,6 +175,12 @@ class ArtifactCheck:
                   opts.seq_len, base_ppl, opts.max_ppl_ratio)
         if opts.min_accuracy is not None and tok is not None:
             c.run(f"s={s:g}: accuracy >= {opts.min_accuracy:g}", _accuracy, model, tok, opts.task, opts.min_accuracy)
+        if self.lm_eval is not None and tok is not None:
+            records = c.run(f"s={s:g}: lm-eval", _lm_eval, model, tok, self.lm_eval, opts.lm_eval_limit)
+            if records and opts.min_lm_eval_acc is not None:
+                for task in sorted({r["task"] for r in records}):
+                    c.run(f"s={s:g}: lm-eval {task} acc >= {opts.min_lm_eval_acc:g}", _lm_eval_gate, records, task,
+                          opts.min_lm_eval_acc)
         if opts.serve:
             c.run(f"s={s:g}: vLLM greedy tokens equal the compact model's", _same_as_vllm, model, prompts, served,
                   extra_seconds=(served or {}).get("seconds", 0.0))
@@ -252,6 +270,23 @@ def _accuracy(model, tok, task, minimum):
     if acc["accuracy"] < minimum:
         raise AssertionError(f"accuracy {acc['accuracy']:.3f} on {acc['items']} items is below {minimum:g}")
     return acc, f"{acc['accuracy']:.3f} on {acc['items']} items"
+
+
+def _lm_eval(model, tok, tasks, limit):
+    records = run_lm_eval(model, tok, tasks, limit=limit)
+    return records, "; ".join(f"{r['task']} {r['metric']} {r['value']:.3f}"
+                              + (f" ± {r['stderr']:.3f}" if r["stderr"] is not None else "") for r in records)
+
+
+def _lm_eval_gate(records, task, minimum):
+    acc = next((r for r in records if r["task"] == task and r["metric"] == "acc" and r["filter"] == "none"), None)
+    if acc is None:
+        raise AssertionError(f"lm-eval gave {task} no acc metric (it gave "
+                             f"{', '.join(sorted({r['metric'] for r in records if r['task'] == task}))})")
+    if acc["value"] < minimum:
+        raise AssertionError(f"acc {acc['value']:.3f} ± {acc['stderr'] or 0:.3f} on {acc['items']} items is below "
+                             f"{minimum:g}")
+    return None, f"{acc['value']:.3f} ± {acc['stderr'] or 0:.3f} on {acc['items']} items"
 
 
 def _same_as_vllm(model, prompts, served):

@@ -13,6 +13,7 @@ from ..loss import sequence_nll
 from ..plan import plan_slice
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
+from .lm_eval import LmEvalTasks, check_options, prepare_tasks, run_lm_eval
 from .tasks import Progress, task_accuracy
 
 
@@ -65,10 +66,12 @@ def text_streams(tokenizer, texts, max_tokens: int | None) -> dict[str, torch.Te
 
 
 def measure_quality(model, tokenizer, streams: dict, seq_lens=(128,), tasks=(), *, batch_size: int = 16,
-                    progress: Progress | None = None, label: str = "") -> list[dict]:
-    """A perplexity record per (text, seq_len) and an accuracy record per task, without the slice's identity.
-    `progress` is told of one pass per text (its tokens over every seq_len) and one per task (its items), each
-    described as `label` and the file's name."""
+                    progress: Progress | None = None, label: str = "", lm_eval_tasks=None,
+                    lm_eval_limit: int | None = None, num_fewshot: int | None = None) -> list[dict]:
+    """A perplexity record per (text, seq_len), an accuracy record per task and (with `lm_eval_tasks`, prepared by
+    lm_eval.prepare_tasks) an lm_eval record per (task, metric), without the slice's identity. `progress` is told
+    of one pass per text (its tokens over every seq_len) and one per task (its items), each described as `label`
+    and the file's name."""
     records = []
     for name, stream in streams.items():
         advance = None
@@ -81,20 +84,32 @@ def measure_quality(model, tokenizer, streams: dict, seq_lens=(128,), tasks=(), 
     for task in tasks:
         records.append({"measure": "accuracy", **task_accuracy(model, tokenizer, task, batch_size=batch_size,
                                                                progress=named)})
+    if lm_eval_tasks is not None:
+        records += run_lm_eval(model, tokenizer, lm_eval_tasks, batch_size=batch_size, limit=lm_eval_limit,
+                               num_fewshot=num_fewshot)
     return records
 
 
 def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), *, path: str = "compact",
                     device="cpu", dtype=torch.float32, tp_size: int = 1, channel_multiple: int = 1,
                     max_tokens: int | None = 65536, batch_size: int = 16, progress: Progress | None = None,
-                    tasks=()) -> list[dict]:
-    """Measurement records of slices: perplexity per (sparsity, text, seq_len), accuracy per (sparsity, task).
-    path="compact" loads each slice as a smaller model; "oracle" zeroes the removed structures of the dense
-    model (what the compact model must compute). progress(description, total, unit) -> advance(n), if given,
-    is called before each pass, one per slice and text ("s=0.4 persuasion.txt.gz", its tokens) and per slice
-    and task (its items); the pass then calls advance(n) as n more are done, up to its total."""
+                    tasks=(), lm_eval_tasks=(), lm_eval_limit: int | None = None, num_fewshot: int | None = None,
+                    lm_eval_include_path=None) -> list[dict]:
+    """Measurement records of slices: perplexity per (sparsity, text, seq_len), accuracy per (sparsity, task),
+    and lm-eval's metrics per (sparsity, lm-eval task, metric) — `lm_eval_tasks`: names in lm-eval's index or
+    task YAML paths, resolved and their data read before any slice is loaded (or lm_eval.prepare_tasks'
+    result); `lm_eval_limit`: the first N items of each. path="compact" loads each slice as a smaller model;
+    "oracle" zeroes the removed structures of the dense model (what the compact model must compute).
+    progress(description, total, unit) -> advance(n), if given, is called before each pass, one per slice and
+    text ("s=0.4 persuasion.txt.gz", its tokens) and per slice and task (its items); the pass then calls
+    advance(n) as n more are done, up to its total."""
     if path not in ("compact", "oracle"):
         raise ValueError(f"unknown evaluation path {path!r}; choose compact or oracle")
+    prepared = None
+    if lm_eval_tasks:
+        check_options(lm_eval_limit, num_fewshot)
+        prepared = lm_eval_tasks if isinstance(lm_eval_tasks, LmEvalTasks) else \
+            prepare_tasks(lm_eval_tasks, include_path=lm_eval_include_path)
     streams = text_streams(tokenizer, texts, max_tokens)
     slicer = None
     if path == "oracle":
@@ -106,6 +121,8 @@ def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), 
         model = slicer.apply(plan) if slicer else load(artifact, plan=plan, device=device, dtype=dtype)
         base = {**slice_identity(artifact, plan), "path": path}
         records += [{**base, **r} for r in measure_quality(model, tokenizer, streams, seq_lens, tasks,
-                                                           batch_size=batch_size, progress=progress, label=f"s={s:g}")]
+                                                           batch_size=batch_size, progress=progress, label=f"s={s:g}",
+                                                           lm_eval_tasks=prepared, lm_eval_limit=lm_eval_limit,
+                                                           num_fewshot=num_fewshot)]
         del model
     return records
