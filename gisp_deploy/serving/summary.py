@@ -19,6 +19,18 @@ def is_exported(path: Path) -> bool:
     return cfg.is_file() and CONFIG_KEY in json.loads(cfg.read_text())
 
 
+def has_chat_template(path: Path) -> bool:
+    """The tokenizer in `path` (an artifact or an exported slice) has a chat template, which vLLM's
+    /v1/chat/completions needs: chat_template.jinja, or `chat_template` in tokenizer_config.json."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):  # no or a damaged tokenizer config: loading it says so later
+        return False
+
+
 @dataclass(frozen=True)
 class SliceSummary:
     name: str

@@ -9,8 +9,9 @@ copy of gisp_deploy/modeling.py as `modeling_gisp.py`, and a config.json with
 - `gisp_slice`: provenance (source artifact, method, unit, sparsity requested / achieved, rounding,
   ranking sha256 from the artifact manifest, gisp-deploy version);
 - `auto_map` pointing at modeling_gisp.py, so `AutoModelForCausalLM.from_pretrained(dir,
-  trust_remote_code=True)` works where gisp-deploy is not installed; where it is, `import gisp_deploy`
-  registers the classes and no remote code is needed.
+  trust_remote_code=True)` works where gisp-deploy is not installed (AutoTokenizer needs the flag there too:
+  it opens config.json first, whose class is in modeling_gisp.py; README, "Loading an export without
+  gisp-deploy"); where it is, `import gisp_deploy` registers the classes and no remote code is needed.
 
 The slice is built in memory by `loader.load` (peak: about the compact model plus one dense tensor) and
 written atomically: nothing half-written is ever left at `out`.

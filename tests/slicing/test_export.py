@@ -69,13 +69,13 @@ def exported(tmp_path_factory):
     return {name: Exported(tmp_path_factory.mktemp(name), name) for name in CASES}
 
 
-def _clean_python(code: str, tmp: Path) -> subprocess.Popen:
+def _clean_python(code: str, tmp: Path, verbosity: str = "error") -> subprocess.Popen:
     """A Python that sees the venv's packages but not gisp-deploy: -I drops the working directory and
     PYTHONPATH, -S skips site (so the editable install's .pth finder never runs); the site-packages
-    folders are put back on sys.path by hand, without their .pth files."""
+    folders are put back on sys.path by hand, without their .pth files. Its stdin is closed: a prompt fails."""
     prologue = f"import sys; sys.path.extend({site.getsitepackages()!r})\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env.update(HF_MODULES_CACHE=str(tmp / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY=verbosity)
     return subprocess.Popen([sys.executable, "-I", "-S", "-c", prologue + textwrap.dedent(code)], cwd=tmp, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -145,7 +145,33 @@ def background(exported, tmp_path_factory):
         model = AutoModelForCausalLM.from_pretrained({dirs["qwen3-gqa"]!r})
         print(type(model).__name__)
     """, tmp)
-    return {"remote": (remote, results), "lazy": lazy, "late": late}
+    # the README's recipe for loading an export without gisp-deploy, after what happens without its flags
+    recipe = _readme_recipe()
+    readme = recipe and _clean_python(f"""
+        import importlib.util, sys, warnings
+        assert importlib.util.find_spec("gisp_deploy") is None, "gisp_deploy must not be importable here"
+        warnings.simplefilter("always")
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained({dirs["llama-gqa"]!r})  # no flag: a prompt (fails: no stdin), a warning
+        print(MARK, flush=True)
+        print(MARK, file=sys.stderr, flush=True)
+    """.replace("MARK", repr(MARK)) + recipe.replace('"llama3-s40"', repr(dirs["llama-gqa"])) + """
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        print(type(model).__name__, tokenizer("It is a truth universally acknowledged").input_ids)
+    """, tmp, verbosity="warning")
+    return {"remote": (remote, results), "lazy": lazy, "late": late, "readme": readme}
+
+
+MARK = "---- the README's recipe ----"
+README_RECIPE = "# loading an export where gisp-deploy is not installed"
+
+
+def _readme_recipe() -> str | None:
+    """The README's one python block that starts with README_RECIPE, indented as the test's code around it."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    found = [b for b in blocks if b.startswith(README_RECIPE)]
+    return textwrap.indent(found[0], " " * 8) if len(found) == 1 else None
 
 
 # ---- (a) gisp-deploy installed and imported: the registered classes
@@ -220,6 +246,28 @@ def test_remote_code_without_gisp_deploy(exported, background):
         assert cls_name == type(e.loaded).__name__
         torch.testing.assert_close(logits, e.logits, atol=1e-6, rtol=0)
         assert torch.equal(tokens, e.tokens)
+
+
+def test_readme_recipe_loads_tokenizer_and_model_without_prompt_or_warning(exported, background):
+    """Without gisp-deploy, AutoTokenizer reads config.json (whose class is in modeling_gisp.py) before anything
+    else: without trust_remote_code it asks to run that code and, declined, warns about a model type ``. The
+    README says so and gives the recipe that needs neither a prompt nor shows a warning."""
+    from transformers import AutoTokenizer
+
+    proc = background["readme"]
+    assert proc, f"README.md has no (or several) python block starting with {README_RECIPE!r}"
+    out, err = proc.communicate(timeout=PY_TIMEOUT)
+    assert proc.returncode == 0, err[-3000:]
+    out_before, out_after = out.split(MARK + "\n")
+    err_before, err_after = err.split(MARK + "\n")
+    assert "Do you wish to run the custom code?" in out_before  # what the README warns about, still so
+    assert "to instantiate a model of type ``" in err_before
+    assert "Do you wish" not in out_after and "custom code" not in out_after + err_after, out_after + err_after
+    assert "model of type" not in err_after and "Warning" not in err_after, err_after
+    name, ids = out_after.strip().split(" ", 1)
+    tokenizer = AutoTokenizer.from_pretrained(exported["llama-gqa"].out)
+    assert name == "GispLlamaForCausalLM"
+    assert ids == str(tokenizer("It is a truth universally acknowledged").input_ids)
 
 
 def test_import_gisp_deploy_registers_lazily(background):
