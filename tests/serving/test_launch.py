@@ -78,6 +78,6 @@ def test_serve_help_shows_a_chat_template_example():
     from gisp_deploy.cli import app
 
     res = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
-    text = " ".join(res.output.split())
+    text = " ".join(res.output.split()).replace(" \\ ", " ")  # the example's line continuation
     assert res.exit_code == 0 and "serve llama3-gisp --sparsity 0.4 -- --chat-template template.jinja" in text
     assert "without a chat template answers 400 on /v1/chat/completions" in text

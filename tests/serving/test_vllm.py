@@ -294,7 +294,7 @@ def test_serve_referenced_weights_and_sigterm(artifacts, tmp_path):
 def test_missing_vllm_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(ServeError, match=r"gisp-deploy\[vllm\]"):
+    with pytest.raises(ServeError, match=r"pip install -e '\.\[vllm\]'"):
         require_vllm()
 
 
