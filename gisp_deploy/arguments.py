@@ -79,3 +79,60 @@ def require_local(paths, flag: str) -> None:
         if not str(p).startswith(HUB_PREFIX) and not Path(p).exists():
             raise ValueError(f"{flag} {p}: no such file or directory (a Hugging Face dataset is named "
                              f"{HUB_PREFIX}NAME)")
+
+
+# ---- budgets (`--fit-memory 24GiB`, `--fit-params 5B`): sizes and counts in the units people write
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}  # B: billions, as in "a 7B model"
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype names of one-byte caches
+
+
+def _number_and_unit(text, units: dict, flag: str, example: str) -> int:
+    """'24GiB' -> 24 * 2**30 with `units` (lowercase suffix -> multiplier); a positive whole result."""
+    raw = str(text).strip().replace("_", "")
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = raw[len(digits):].strip().lower()
+    if raw.lower().endswith("e") or unit not in units:  # '1.5e' is a broken exponent, not a unit
+        raise ValueError(f"{flag} {text!r}: unknown unit {unit!r}; write e.g. {example}")
+    try:
+        value = float(digits) * units[unit]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a number with a unit; write e.g. {example}") from None
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{flag} {text!r} must be positive and finite; write e.g. {example}")
+    return int(value)
+
+
+def parse_bytes(text, flag: str = "--fit-memory") -> int:
+    """'24GiB', '24GB', '512MiB', '1.5e9', '4096' (bytes) -> bytes (GiB = 2**30, GB = 10**9)."""
+    return _number_and_unit(text, BYTE_UNITS, flag, "24GiB, 24GB, 512MiB or a number of bytes")
+
+
+def parse_count(text, flag: str = "--fit-params") -> int:
+    """'5B', '500M', '1.2e9', '7000000' -> a parameter count (K, M, B, T: thousands to trillions)."""
+    return _number_and_unit(text, COUNT_UNITS, flag, "5B, 500M or 1.2e9")
+
+
+def parse_reserve(text) -> tuple[float, int]:
+    """'5%+512MiB' -> (0.05, 536870912): memory held back, a share of the budget plus a fixed size ('0': none)."""
+    fraction, fixed = 0.0, 0
+    for part in str(text).replace(" ", "").split("+"):
+        if part.endswith("%"):
+            try:
+                share = float(part[:-1]) / 100
+            except ValueError:
+                share = -1.0
+            if not 0 <= share < 1:
+                raise ValueError(f"--reserve {text!r}: a share is a percentage in [0, 100), e.g. 5%+512MiB")
+            fraction += share
+        elif part.strip("0.") or not part:  # '0' (or '0.0') alone means nothing held back
+            fixed += parse_bytes(part, "--reserve")
+    return fraction, fixed
+
+
+def check_kv_cache_dtype(name: str | None) -> str | None:
+    if name in (None, "auto") or name in FP8_KV_CACHE_DTYPES or name in DTYPE_NAMES:
+        return name
+    raise ValueError(f"--kv-cache-dtype {name!r}: choose auto (the weights' dtype), float32, bfloat16, float16, "
+                     f"{', '.join(FP8_KV_CACHE_DTYPES)}")

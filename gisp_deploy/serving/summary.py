@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifact import check_weights_dir, load_artifact
+from ..budget import kv_cache_elements
 from ..families import family_named
 from ..hf import dtype_bytes
 from ..plan import plan_slice
@@ -60,17 +61,15 @@ def _count(cfg: dict, layers: list[tuple[int, int, int]], head_dim: int) -> tupl
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     qkv_bias, o_bias, mlp_bias = family.biases(cfg)
     n = v * h * (1 if cfg.get("tie_word_embeddings", False) else 2) + h
-    kv_elems = 0
     for q, kv, c in layers:
         if q:
             n += 2 * q * head_dim * h + 2 * kv * head_dim * h + h
             n += (q + 2 * kv) * head_dim if qkv_bias else 0
             n += 2 * head_dim if family.qk_norm else 0
-            kv_elems += 2 * kv * head_dim
         if c:
             n += 3 * c * h + h + (2 * c if mlp_bias else 0)
         n += (h if o_bias else 0) + (h if mlp_bias else 0)
-    return n, kv_elems
+    return n, kv_cache_elements([kv if q else 0 for q, kv, _ in layers], head_dim)
 
 
 def _dtype_name(dtype, cfg: dict) -> str:

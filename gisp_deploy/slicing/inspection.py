@@ -25,13 +25,12 @@ def describe(art, sparsities) -> dict:
 
 def slice_size(art, plan) -> dict:
     """Parameters and weight bytes of the compact model of `plan`, counted on the meta device (nothing loaded)."""
+    from ..budget import model_parameters, weight_dtype
     from ..hf import dtype_bytes
-    from ..modeling import build_model, compact_config, padding_params
+    from ..modeling import padding_params
 
-    model = build_model(compact_config(art.config, plan))
-    params = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
-    dtype = str(getattr(art.config, "dtype", None) or "float32")
-    dtype = dtype.removeprefix("torch.")
+    params = model_parameters(art.config, plan)
+    dtype = weight_dtype("auto", art.config)
     return {"decoder_params": plan.kept_params, "dense_decoder_params": plan.shape.total_params,
             "parameters": params, "padding_parameters": padding_params(plan), "weight_dtype": dtype,
             "weight_bytes": params * dtype_bytes(dtype, default=4)}

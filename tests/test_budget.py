@@ -1,0 +1,167 @@
+"""Deploy by budget: sizes in every unit, the cost of a slice against a real export and a loaded model, and the
+largest slice that fits a budget, checked by brute force over every prefix of the ranking."""
+
+import pytest
+import torch
+
+from gisp_deploy.arguments import check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve
+from gisp_deploy.budget import Reserve, fit, prefix_sparsity, slice_cost
+from gisp_deploy.plan import plan_slice
+from gisp_deploy.safetensors_file import ShardFile
+from tests.factory import Source, dense_model, make_model_dir
+
+# (name, unit, config overrides, tp_size, channel_multiple): plain slices; kv_group slices rounded for 2 GPUs
+CASES = {"q_head": ("llama-gqa", "q_head", {}, 1, 1),
+         "kv_group-tp2": ("qwen2-gqa", "kv_group", {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 4,
+                                                    "intermediate_size": 80}, 2, 16)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    """(artifact, tp_size, channel_multiple, every prefix's cost at bf16 and 64 x 2 tokens of KV cache)."""
+    name, unit, overrides, tp, cm = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = make_model_dir(root, name, **overrides)
+    art = Source(model_dir, dense_model(model_dir), root, unit).artifact
+    costs = [slice_cost(art.config, plan_slice(art.ranking, prefix_sparsity(art.ranking, p), tp_size=tp,
+                                               channel_multiple=cm), dtype="bfloat16", tokens=128)
+             for p in range(art.ranking.num_covered + 1)]
+    return art, tp, cm, costs
+
+
+FIT = dict(max_model_len=64, max_num_seqs=2, dtype="bfloat16", reserve="0")
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("24GB", 24 * 10**9), ("512MiB", 512 * 2**20),
+                                        ("1.5e9", 1_500_000_000), ("4096", 4096), ("2 gib", 2 * 2**30),
+                                        ("64KiB", 65536), ("1.5TB", 1_500_000_000_000)])
+def test_sizes_in_every_unit(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text,value", [("5B", 5 * 10**9), ("500M", 500 * 10**6), ("1.2e9", 1_200_000_000),
+                                        ("7000000", 7_000_000), ("19.5m", 19_500_000)])
+def test_parameter_counts_in_every_unit(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("parse,text", [(parse_bytes, "24gigs"), (parse_bytes, "-1GiB"), (parse_bytes, "GiB"),
+                                        (parse_bytes, "0"), (parse_bytes, "inf"), (parse_bytes, "1.5e"),
+                                        (parse_count, "5 billion"), (parse_count, "0.5"), (parse_count, "5GiB")])
+def test_bad_budgets_are_refused_in_one_line_that_shows_the_form(parse, text):
+    with pytest.raises(ValueError) as e:
+        parse(text)
+    msg = str(e.value)
+    assert "\n" not in msg and repr(text) in msg and ("24GiB" in msg or "5B" in msg)
+
+
+def test_reserve_and_kv_cache_dtype():
+    assert parse_reserve("5%+512MiB") == (0.05, 512 * 2**20) and parse_reserve("0") == (0.0, 0)
+    assert parse_reserve("1GiB") == (0.0, 2**30) and parse_reserve("10%") == (0.1, 0)
+    assert Reserve.parse("10%+1GiB").of(10 * 2**30) == 2 * 2**30
+    for bad in ("150%", "5%+lots", ""):
+        with pytest.raises(ValueError, match="--reserve"):
+            parse_reserve(bad)
+    assert check_kv_cache_dtype("fp8") == "fp8"
+    with pytest.raises(ValueError, match="--kv-cache-dtype 'int4': choose auto"):
+        check_kv_cache_dtype("int4")
+
+
+def test_every_prefix_has_a_decimal_sparsity_and_costs_never_grow_with_it(case):
+    art, tp, cm, costs = case
+    for p in range(art.ranking.num_covered + 1):
+        assert art.ranking.prefix_length(prefix_sparsity(art.ranking, p)) == p
+    for key in ("parameters", "weight_bytes", "kv_bytes_per_token"):
+        values = [getattr(c, key) for c in costs]
+        assert all(a >= b for a, b in zip(values, values[1:])), key
+    assert costs[0].parameters > costs[-1].parameters
+
+
+def test_the_chosen_slice_fits_and_every_larger_one_does_not(case):
+    """A grid of memory and parameter budgets between the most pruned slice and the dense model: brute force over
+    every prefix says the first prefix that fits is the one fit chose."""
+    art, tp, cm, costs = case
+    memories = sorted({c.memory for c in costs})
+    params = sorted({c.parameters for c in costs})
+    grid = [("memory", m) for m in [memories[0], *memories[:: max(1, len(memories) // 6)], memories[-1] + 1]]
+    grid += [("params", n) for n in [params[0], *params[:: max(1, len(params) // 4)], params[-1] - 1]]
+    for kind, budget in grid:
+        got = fit(art, **{kind: budget}, tp_size=tp, channel_multiple=cm, **FIT)
+        ok = [(c.memory if kind == "memory" else c.parameters) <= budget for c in costs]
+        first = ok.index(True)  # every larger covered slice (a shorter prefix) breaks the budget
+        assert art.ranking.prefix_length(got.cost.sparsity) == first, (kind, budget)
+        assert got.cost == costs[first] and got.plan == plan_slice(art.ranking, got.cost.sparsity, tp_size=tp,
+                                                                   channel_multiple=cm)
+        assert got.binding == ("none" if first == 0 else "memory" if kind == "memory" else "parameters")
+        left = budget - (got.cost.memory if kind == "memory" else got.cost.parameters)
+        assert got.headroom == {"memory" if kind == "memory" else "parameters": left} and left >= 0
+        roles = {c.role: c for c in got.candidates}
+        assert roles["chosen"].cost == got.cost and roles["chosen"].fits
+        assert got.candidates[0].cost == costs[0]  # the dense model leads, whatever its role
+        assert first == 0 or (roles["next larger"].cost == costs[first - 1] and not roles["next larger"].fits)
+
+
+def test_weight_bytes_are_an_exports_and_kv_bytes_the_loaded_models(case, tmp_path):
+    from gisp_deploy.slicing.export import export_slice
+    from gisp_deploy.slicing.loader import load
+
+    art, tp, cm, costs = case
+    got = fit(art, memory=costs[len(costs) // 2].memory, tp_size=tp, channel_multiple=cm, **FIT)
+    out = export_slice(art, tmp_path / "export", got.cost.sparsity, tp_size=tp, channel_multiple=cm,
+                       dtype="bfloat16")["out"]
+    on_disk = 0
+    for f in sorted(tmp_path.joinpath("export").glob("*.safetensors")):
+        with ShardFile(f) as shard:
+            on_disk += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in shard.entries.values())
+    assert got.cost.parameters * 2 == on_disk and got.cost.weight_bytes == -(-on_disk // tp), out
+    model = load(art, got.cost.sparsity, tp_size=tp, channel_multiple=cm, dtype=torch.bfloat16)
+    head_dim = art.shape.head_dim
+    kv_heads = [layer.self_attn.k_proj.out_features // head_dim for layer in model.model.layers
+                if hasattr(layer.self_attn, "k_proj")]
+    per_rank = [k // tp if k >= tp else 1 for k in kv_heads]  # fewer KV heads than GPUs: each holds a copy
+    assert got.cost.kv_bytes_per_token == sum(per_rank) * head_dim * 2 * 2
+    assert got.cost.kv_bytes == got.cost.kv_bytes_per_token * 64 * 2
+
+
+def test_kv_cache_shrinks_only_when_a_whole_kv_group_leaves(case):
+    art, tp, cm, costs = case
+    dense_kv = costs[0].kv_bytes_per_token
+    if art.ranking.unit == "kv_group":
+        assert costs[-1].kv_bytes_per_token < dense_kv
+    for p in (0, len(costs) // 2, len(costs) - 1):
+        plan = plan_slice(art.ranking, prefix_sparsity(art.ranking, p), tp_size=tp, channel_multiple=cm)
+        groups = sum(min(len(lp.kv_heads), max(1, len(lp.kv_heads) // tp)) for lp in plan.layers)
+        assert costs[p].kv_bytes_per_token == groups * art.shape.head_dim * 2 * 2
+
+
+def test_an_impossible_budget_says_how_much_is_missing_and_what_to_relax(case):
+    art, tp, cm, costs = case
+    budget = costs[-1].memory - 1000
+    with pytest.raises(ValueError) as e:
+        fit(art, memory=budget, tp_size=tp, channel_multiple=cm, **FIT)
+    msg = str(e.value)
+    assert "\n" not in msg and "even the most pruned slice" in msg and "1000 B more than --fit-memory" in msg
+    assert "--max-model-len" in msg and "--max-sparsity" in msg
+    with pytest.raises(ValueError, match=r"more than --fit-params .*raise --fit-params"):
+        fit(art, params=costs[-1].parameters - 1, tp_size=tp, channel_multiple=cm, **FIT)
+    with pytest.raises(ValueError, match="no budget given: pass --fit-memory"):
+        fit(art, **FIT)
+
+
+def test_the_reserve_comes_off_the_budget(case):
+    art, tp, cm, costs = case
+    memory = costs[len(costs) // 3].memory + 2**20
+    got = fit(art, memory=memory, tp_size=tp, channel_multiple=cm, **{**FIT, "reserve": "1MiB"})
+    assert got.cost.memory + 2**20 <= memory and got.settings["reserve_bytes"] == 2**20
+    assert got.cost == fit(art, memory=memory - 2**20, tp_size=tp, channel_multiple=cm, **FIT).cost
+
+
+def test_serving_counts_the_same_kv_cache(case):
+    from gisp_deploy.serving.summary import slice_summary
+
+    art, tp, cm, costs = case
+    s = prefix_sparsity(art.ranking, len(costs) // 2)
+    if tp == 1:
+        summary = slice_summary(art.path, s, dtype="bfloat16")
+        assert summary.kv_bytes_per_token == costs[len(costs) // 2].kv_bytes_per_token
+        assert summary.parameters == costs[len(costs) // 2].parameters
