@@ -85,6 +85,7 @@ def require_local(paths, flag: str) -> None:
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}  # B: billions, as in "a 7B model"
+DEFAULT_RESERVE = "5%+512MiB"  # held back from a memory budget: see budget.Reserve
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype names of one-byte caches
 
 

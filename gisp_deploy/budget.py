@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .arguments import DTYPE_NAMES, FP8_KV_CACHE_DTYPES, parse_bytes, parse_count, parse_reserve
+from .arguments import DEFAULT_RESERVE, DTYPE_NAMES, FP8_KV_CACHE_DTYPES, parse_bytes, parse_count, parse_reserve
 from .hf import dtype_bytes
 from .plan import SlicePlan, plan_slice
 from .ranking import Ranking
 
-DEFAULT_RESERVE = "5%+512MiB"
 GRID = 0.1  # the round sparsities shown next to the chosen slice
 
 

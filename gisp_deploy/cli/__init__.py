@@ -18,6 +18,7 @@ app = typer.Typer(
          "  gisp-deploy prune MODEL --calib DATA --out ARTIFACT\n"
          "  gisp-deploy inspect ARTIFACT --sparsities 0.2,0.4\n"
          "  gisp-deploy eval ARTIFACT --sparsities 0,0.2,0.4 --text heldout.txt\n"
+         "  gisp-deploy fit ARTIFACT --fit-memory 24GiB --max-model-len 8192\n"
          "  gisp-deploy export ARTIFACT --sparsity 0.4 --out model-40\n"
          "  gisp-deploy serve ARTIFACT --sparsity 0.4\n"
          "  gisp-deploy check ARTIFACT --sparsities 0.2,0.4,0.5\n"
@@ -41,6 +42,7 @@ for name, command, epilog in (("prune", prune.prune, prune.PRUNE_EXAMPLES),  # t
                               ("inspect", slices.inspect, slices.INSPECT_EXAMPLES),
                               ("make-task", quality.make_task, quality.MAKE_TASK_EXAMPLES),
                               ("eval", quality.eval_, quality.EVAL_EXAMPLES),
+                              ("fit", slices.fit, slices.FIT_EXAMPLES),
                               ("export", slices.export, slices.EXPORT_EXAMPLES),
                               ("serve", serve.serve, serve.SERVE_EXAMPLES),
                               ("check", quality.check, quality.CHECK_EXAMPLES),

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..arguments import DEFAULT_RESERVE
 from .common import alias_option, channel_multiple_option, console, expect_digest_option, tp_size_option, verify_option
 
 INSPECT_EXAMPLES = """
@@ -150,3 +151,123 @@ def export(
         f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
         soft_wrap=True)
 
+
+
+FIT_EXAMPLES = """
+[bold]Examples[/]
+
+  # the largest slice for one 24 GiB GPU, 8k context for 16 requests
+  gisp-deploy fit llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 16 --dtype bfloat16
+
+  # at most 5 billion parameters, embeddings included; as JSON
+  gisp-deploy fit llama3-gisp --fit-params 5B --json
+
+  # two 40 GB GPUs (the budget is each GPU's), an fp8 KV cache
+  gisp-deploy fit llama3-gisp --fit-memory 40GB --tp-size 2 \\
+      --kv-cache-dtype fp8 --max-model-len 32768
+"""
+
+
+def fit(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    fit_memory: Optional[str] = typer.Option(None, "--fit-memory", help="Memory of each GPU: 24GiB, 24GB, 512MiB "
+                                             "or bytes. Weights + KV cache + --reserve must fit in it."),
+    fit_params: Optional[str] = typer.Option(None, "--fit-params", help="Parameters of the served model, "
+                                             "embeddings included: 5B, 500M, 1.2e9."),
+    max_model_len: Optional[int] = typer.Option(None, min=1, help="Tokens of context the KV cache holds per "
+                                                "sequence (default: the model's max_position_embeddings)."),
+    max_num_seqs: int = typer.Option(1, min=1, help="Sequences of --max-model-len tokens the KV cache holds at "
+                                     "once."),
+    dtype: str = typer.Option("auto", help="Weights served in: auto (the source checkpoint's) | float32 | bfloat16 "
+                              "| float16."),
+    kv_cache_dtype: str = typer.Option("auto", help="KV cache, as vLLM's option: auto (the weights' dtype) | "
+                                       "bfloat16 | float16 | float32 | fp8."),
+    reserve: str = typer.Option(DEFAULT_RESERVE, help="Memory held back from --fit-memory for the runtime: a share "
+                                "of it plus a fixed size (CUDA context, activations, CUDA graphs); 0 for none."),
+    tp_size: int = tp_size_option(),
+    channel_multiple: int = channel_multiple_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print the choice, its cost and the candidates as JSON."),
+    verify: bool = verify_option(),
+):
+    """The largest slice that fits a memory or parameter budget, with why: the neighbouring slices, the binding
+    constraint and the headroom. Serve it with the --sparsity it prints."""
+    from ..arguments import check_dtype, check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve
+    from ..artifact import read_manifest
+
+    if fit_memory is None and fit_params is None:
+        raise ValueError("no budget given: pass --fit-memory (e.g. 24GiB) and/or --fit-params (e.g. 5B)")
+    memory = parse_bytes(fit_memory) if fit_memory is not None else None  # before the heavy imports
+    params = parse_count(fit_params) if fit_params is not None else None
+    check_dtype(dtype)
+    check_kv_cache_dtype(kv_cache_dtype)
+    parse_reserve(reserve)
+    read_manifest(artifact)
+
+    from ..budget import fit as fit_budget
+
+    result = fit_budget(artifact, memory=memory, params=params, max_model_len=max_model_len,
+                        max_num_seqs=max_num_seqs, dtype=dtype, kv_cache_dtype=kv_cache_dtype, reserve=reserve,
+                        tp_size=tp_size, channel_multiple=channel_multiple, verify=verify)
+    if as_json:
+        sys.stdout.write(json.dumps({"artifact": str(artifact), **result.to_json()}) + "\n")
+        return
+    out = Console(width=None if sys.stdout.isatty() else 240)  # piped: not cut to 80 columns
+    for line in fit_lines(artifact, result):
+        out.print(line, soft_wrap=True, highlight=False)
+    out.print(candidates_table(result))
+
+
+def fit_lines(artifact, result) -> list[str]:
+    """The choice, what it costs, what binds it and how to serve it."""
+    from ..budget import format_bytes as size, format_count as count
+
+    c, st = result.cost, result.settings
+    rounding = "".join(f" --{k.replace('_', '-')} {st[k]}" for k in ("tp_size", "channel_multiple") if st[k] > 1)
+    per_gpu = f" per GPU of {st['tp_size']}" if st["tp_size"] > 1 else ""
+    lines = [f"[bold]chosen:[/] sparsity {c.sparsity:g} (achieved {c.achieved_sparsity:.4f}), "
+             f"{count(c.parameters)} parameters"]
+    if st["memory"] is not None:
+        lines.append(f"[bold]memory{per_gpu}:[/] weights {size(c.weight_bytes)} ({st['dtype']}) + KV cache "
+                     f"{size(c.kv_bytes)} ({st['max_num_seqs']} x {st['max_model_len']} tokens) + reserve "
+                     f"{size(st['reserve_bytes'])} ({st['reserve']}) = "
+                     f"{size(c.memory + st['reserve_bytes'])} of {size(st['memory'])}")
+    left = ", ".join(f"{size(v) if k == 'memory' else count(v)} of {k}" for k, v in result.headroom.items())
+    if result.binding == "none":
+        lines.append(f"[bold]binding:[/] none, the dense model fits; headroom {left}")
+    else:
+        lines.append(f"[bold]binding:[/] {result.binding}: the next larger slice does not fit; headroom {left}")
+    kv_share = c.kv_bytes / c.memory if c.memory else 0
+    if st["memory"] is not None and st["unit"] == "q_head" and kv_share > 0.3:
+        saved = 1 - c.kv_bytes_per_token / result.dense_kv_bytes_per_token
+        lines.append(f"[bold]KV cache:[/] {kv_share:.0%} of weights + KV, {saved:.0%} smaller than dense: q_head slices "
+                     "shrink it only when a whole KV group leaves a layer; an artifact pruned with --unit kv_group "
+                     "saves more")
+    lines.append(f"[bold]serve it:[/] gisp-deploy serve {artifact} --sparsity {c.sparsity:g}{rounding}")
+    return lines
+
+
+def candidates_table(result) -> Table:
+    """The dense model, round sparsities next to the choice, the choice and the next larger slice."""
+    from ..budget import format_bytes as size, format_count as count
+
+    dense_kv = result.dense_kv_bytes_per_token
+    t = Table(title="candidates (memory per GPU; total: with the reserve)")
+    for col in ("sparsity", "achieved", "parameters", "weights", "KV cache", "KV saved", "total", "fits", ""):
+        t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
+    st = result.settings
+    for cand in result.candidates:
+        c = cand.cost
+        margins = []  # (left, shown) per budget given: negative left is over
+        if st["memory"] is not None:
+            left = st["memory"] - st["reserve_bytes"] - c.memory
+            margins.append((left, size(abs(left))))
+        if st["params"] is not None:
+            left = st["params"] - c.parameters
+            margins.append((left, count(abs(left)) + " parameters"))
+        left, shown = next((m for m in margins if m[0] < 0), margins[0])  # a broken budget says why
+        verdict = f"yes, {shown} left" if left >= 0 else f"[red]no[/], {shown} over"
+        t.add_row(f"{c.sparsity:g}", f"{c.achieved_sparsity:.4f}", count(c.parameters), size(c.weight_bytes),
+                  size(c.kv_bytes), f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", size(c.memory + st["reserve_bytes"]),
+                  verdict, f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role)
+    return t

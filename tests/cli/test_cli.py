@@ -284,6 +284,7 @@ def _examples():
     from gisp_deploy.cli import bench, prune, quality, serve, slices
 
     return {"prune": prune.PRUNE_EXAMPLES, "inspect": slices.INSPECT_EXAMPLES, "export": slices.EXPORT_EXAMPLES,
+            "fit": slices.FIT_EXAMPLES,
             "eval": quality.EVAL_EXAMPLES, "check": quality.CHECK_EXAMPLES, "make-task": quality.MAKE_TASK_EXAMPLES,
             "serve": serve.SERVE_EXAMPLES, "bench": bench.BENCH_EXAMPLES}
 

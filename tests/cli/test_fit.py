@@ -1,0 +1,72 @@
+"""`gisp-deploy fit`: the choice, its neighbours and the binding constraint in words and as JSON; bad budgets
+refused in one line before the artifact is read."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gisp_deploy.budget import fit, prefix_sparsity, slice_cost
+from gisp_deploy.plan import plan_slice
+from tests.factory import Source, dense_model, make_model_dir
+
+OPTS = ["--max-model-len", "64", "--max-num-seqs", "2", "--dtype", "bfloat16", "--reserve", "0"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    model_dir = make_model_dir(root, "llama-gqa")
+    return Source(model_dir, dense_model(model_dir), root, "q_head").artifact
+
+
+def test_fit_explains_the_choice_and_prints_the_same_as_json(artifact):
+    middle = prefix_sparsity(artifact.ranking, artifact.ranking.num_covered // 2)
+    budget = slice_cost(artifact.config, plan_slice(artifact.ranking, middle), dtype="bfloat16", tokens=128).memory
+    want = fit(artifact, memory=budget, max_model_len=64, max_num_seqs=2, dtype="bfloat16", reserve="0")
+    half = want.cost.sparsity  # the middle prefix, or a shorter one of the same size (padding heads stay)
+    assert half <= middle and want.cost.memory == budget
+    res = cli("fit", artifact.path, "--fit-memory", budget, *OPTS, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["sparsity"] == half and got["binding"] == "memory" and got["headroom"] == {"memory": 0}
+    assert [c["role"] for c in got["candidates"]] == [c.role for c in want.candidates]
+    assert got["cost"]["kv_bytes"] == want.cost.kv_bytes and got["settings"]["max_num_seqs"] == 2
+    res = cli("fit", artifact.path, "--fit-memory", f"{budget}", *OPTS)
+    assert res.returncode == 0, res.stderr
+    assert f"chosen: sparsity {half:g}" in res.stdout and "binding: memory: the next larger slice" in res.stdout
+    assert f"serve it: gisp-deploy serve {artifact.path} --sparsity {half:g}" in res.stdout
+    rows = {line.split("│")[-2].strip(): line for line in res.stdout.splitlines() if line.count("│") > 8}
+    assert "yes, 0 B left" in rows["chosen"] and "no," in rows["next larger"] and "over" in rows["next larger"]
+
+
+def test_a_parameter_budget_binds_on_parameters(artifact):
+    res = cli("fit", artifact.path, "--fit-params", "540K", *OPTS, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["cost"]["parameters"] <= 540_000 < got["candidates"][0]["parameters"]
+    assert got["binding"] == "parameters" and got["headroom"]["parameters"] >= 0
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--fit-memory", "24gigs"], "--fit-memory '24gigs': unknown unit 'gigs'; write e.g. 24GiB"),
+    (["--fit-params", "lots"], "--fit-params 'lots': unknown unit 'lots'; write e.g. 5B"),
+    ([], "no budget given: pass --fit-memory (e.g. 24GiB) and/or --fit-params"),
+    (["--fit-memory", "1GiB", "--kv-cache-dtype", "int4"], "--kv-cache-dtype 'int4': choose auto"),
+    (["--fit-memory", "1GiB", "--reserve", "200%"], "--reserve '200%': a share is a percentage"),
+])
+def test_bad_options_answer_in_one_line_before_the_artifact_is_read(tmp_path, args, said):
+    res = cli("fit", tmp_path / "no-such-artifact", *args)
+    assert res.returncode == 2 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_an_impossible_budget_says_what_is_missing(artifact):
+    res = cli("fit", artifact.path, "--fit-memory", "10KiB", *OPTS)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "even the most pruned slice this artifact covers" in res.stderr and "more than --fit-memory" in res.stderr
