@@ -137,3 +137,10 @@ def check_kv_cache_dtype(name: str | None) -> str | None:
         return name
     raise ValueError(f"--kv-cache-dtype {name!r}: choose auto (the weights' dtype), float32, bfloat16, float16, "
                      f"{', '.join(FP8_KV_CACHE_DTYPES)}")
+
+
+def check_one_size(sparsity, fit_memory, fit_params) -> None:
+    """A slice is chosen by a sparsity or by a budget, never both."""
+    if sparsity is not None and (fit_memory is not None or fit_params is not None):
+        raise ValueError("a sparsity and a budget together: drop --sparsity to let --fit-memory / --fit-params "
+                         "choose the slice, or drop the budget")

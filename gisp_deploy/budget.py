@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .arguments import DEFAULT_RESERVE, DTYPE_NAMES, FP8_KV_CACHE_DTYPES, parse_bytes, parse_count, parse_reserve
+from .arguments import DEFAULT_RESERVE, DTYPE_NAMES, check_one_size, FP8_KV_CACHE_DTYPES, parse_bytes, parse_count, parse_reserve
 from .hf import dtype_bytes
 from .plan import SlicePlan, plan_slice
 from .ranking import Ranking
@@ -183,6 +183,17 @@ def fit(artifact, *, config=None, memory=None, params=None, max_model_len: int |
                 "unit": ranking.unit, "coverage": round(ranking.coverage, 6)}
     return FitResult(plan=plan, cost=chosen, binding=binding, headroom=headroom, candidates=tuple(candidates),
                      dense_kv_bytes_per_token=cost(0)[1].kv_bytes_per_token, settings=settings)
+
+
+def budget_plan(artifact, sparsity=None, *, fit_memory=None, fit_params=None, fit_options: dict | None = None,
+                dtype="auto", tp_size: int = 1, channel_multiple: int = 1) -> SlicePlan | None:
+    """The plan a budget chooses for `load` / `export` (None when no budget is given); `fit_options`: fit's
+    other keywords (max_model_len, max_num_seqs, kv_cache_dtype, reserve)."""
+    if fit_memory is None and fit_params is None:
+        return None
+    check_one_size(sparsity, fit_memory, fit_params)
+    return fit(artifact, memory=fit_memory, params=fit_params, dtype=dtype, tp_size=tp_size,
+               channel_multiple=channel_multiple, **(fit_options or {})).plan
 
 
 def _ranking_and_config(artifact, config, verify: bool):

@@ -165,3 +165,17 @@ def test_serving_counts_the_same_kv_cache(case):
         summary = slice_summary(art.path, s, dtype="bfloat16")
         assert summary.kv_bytes_per_token == costs[len(costs) // 2].kv_bytes_per_token
         assert summary.parameters == costs[len(costs) // 2].parameters
+
+
+def test_load_by_budget_and_never_with_a_sparsity_too(case):
+    from gisp_deploy.slicing.loader import load
+
+    art, tp, cm, costs = case
+    memory = costs[len(costs) // 2].memory
+    options = dict(max_model_len=64, max_num_seqs=2, reserve="0")
+    want = fit(art, memory=memory, dtype="bfloat16", tp_size=tp, channel_multiple=cm, **options)
+    model = load(art, fit_memory=memory, fit_options=options, dtype=torch.bfloat16, tp_size=tp, channel_multiple=cm)
+    assert model.config.gisp_slice["sparsity"] == want.cost.sparsity
+    assert sum(p.numel() for p in model.parameters()) == want.cost.parameters
+    with pytest.raises(ValueError, match="a sparsity and a budget together"):
+        load(art, 0.3, fit_memory=memory)

@@ -115,6 +115,38 @@ def channel_multiple_option() -> int:
     return typer.Option(1, help="Round per-layer MLP widths to a multiple of N (e.g. 64, 128).")
 
 
+def fit_memory_option():
+    return typer.Option(None, "--fit-memory", help="Memory of each GPU: 24GiB, 24GB, 512MiB or bytes. Weights + KV "
+                        "cache + --reserve must fit in it.")
+
+
+def fit_params_option():
+    return typer.Option(None, "--fit-params", help="Parameters of the served model, embeddings included: 5B, 500M, "
+                        "1.2e9.")
+
+
+def max_model_len_option():
+    return typer.Option(None, "--max-model-len", min=1, help="With --fit-memory: tokens of context the KV cache "
+                        "holds per sequence (default: the model's max_position_embeddings).")
+
+
+def max_num_seqs_option() -> int:
+    return typer.Option(1, "--max-num-seqs", min=1, help="With --fit-memory: sequences of --max-model-len tokens "
+                        "the KV cache holds at once.")
+
+
+def kv_cache_dtype_option() -> str:
+    return typer.Option("auto", "--kv-cache-dtype", help="With --fit-memory: the KV cache's dtype, as vLLM's "
+                        "option: auto (the weights') | bfloat16 | float16 | float32 | fp8.")
+
+
+def reserve_option() -> str:
+    from ..arguments import DEFAULT_RESERVE
+
+    return typer.Option(DEFAULT_RESERVE, help="Memory held back from --fit-memory for the runtime: a share of it "
+                        "plus a fixed size (CUDA context, activations, CUDA graphs); 0 for none.")
+
+
 def lm_eval_tasks_option() -> str:
     return typer.Option("", "--lm-eval-tasks", help="Comma-separated lm-eval tasks run on each slice through "
                         "lm-eval's own HF wrapper: names in lm-eval's index (hellaswag,arc_easy: their data comes "

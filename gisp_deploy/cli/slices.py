@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..arguments import DEFAULT_RESERVE
-from .common import alias_option, channel_multiple_option, console, expect_digest_option, tp_size_option, verify_option
+from .common import (alias_option, channel_multiple_option, console, expect_digest_option, fit_memory_option,
+                     fit_params_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
+                     reserve_option, tp_size_option, verify_option)
 
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
@@ -115,6 +116,10 @@ EXPORT_EXAMPLES = """
   gisp-deploy export llama3-gisp --sparsity 0.4 --tp-size 2 \\
       --channel-multiple 128 --dtype bfloat16 --out llama3-40-tp2
 
+  # the largest slice whose weights and 8k x 4 KV cache fit 24 GiB
+  gisp-deploy export llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 4 --dtype bfloat16 --out llama3-24g
+
   # load it (gisp-deploy installed: `import gisp_deploy` first;
   # elsewhere: pass trust_remote_code=True)
   AutoModelForCausalLM.from_pretrained("llama3-40")
@@ -123,7 +128,8 @@ EXPORT_EXAMPLES = """
 
 def export(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
-    sparsity: str = typer.Option(..., help="The sparsity of the slice to export (one value, e.g. 0.4)."),
+    sparsity: Optional[str] = typer.Option(None, help="The sparsity of the slice to export (one value, e.g. 0.4); "
+                                           "or let a budget choose it (--fit-memory / --fit-params)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write (atomically)."),
     tp_size: int = tp_size_option(),
     channel_multiple: int = channel_multiple_option(),
@@ -131,22 +137,37 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace an existing directory at --out."),
     verify: bool = verify_option(),
     expect_digest: Optional[str] = expect_digest_option(),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
 ):
     """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
     per-layer sizes) that AutoModelForCausalLM loads."""
-    from ..arguments import check_dtype, parse_sparsities
+    from ..arguments import check_dtype, check_one_size, parse_sparsities
     from ..artifact import read_manifest
 
-    parse_sparsities(sparsity)  # what a typo can break, before the heavy imports
+    check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
+    if sparsity is None and fit_memory is None and fit_params is None:
+        raise ValueError("pass --sparsity (e.g. 0.4) or a budget (--fit-memory 24GiB, --fit-params 5B)")
+    if sparsity is not None:
+        parse_sparsities(sparsity)
+    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
     check_dtype(dtype)
     read_manifest(artifact)
 
     from ..slicing.export import export_slice
 
+    options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+                   reserve=reserve)
     summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
-                           overwrite=overwrite, verify=verify, expect_digest=expect_digest)
+                           overwrite=overwrite, verify=verify, expect_digest=expect_digest, fit_memory=memory,
+                           fit_params=params, fit_options=options)
     console.print(
-        f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g} "
+        f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g}"
+        f"{' (the largest slice that fits the budget)' if memory or params else ''} "
         f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "
         f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
         soft_wrap=True)
@@ -171,20 +192,14 @@ FIT_EXAMPLES = """
 
 def fit(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
-    fit_memory: Optional[str] = typer.Option(None, "--fit-memory", help="Memory of each GPU: 24GiB, 24GB, 512MiB "
-                                             "or bytes. Weights + KV cache + --reserve must fit in it."),
-    fit_params: Optional[str] = typer.Option(None, "--fit-params", help="Parameters of the served model, "
-                                             "embeddings included: 5B, 500M, 1.2e9."),
-    max_model_len: Optional[int] = typer.Option(None, min=1, help="Tokens of context the KV cache holds per "
-                                                "sequence (default: the model's max_position_embeddings)."),
-    max_num_seqs: int = typer.Option(1, min=1, help="Sequences of --max-model-len tokens the KV cache holds at "
-                                     "once."),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
     dtype: str = typer.Option("auto", help="Weights served in: auto (the source checkpoint's) | float32 | bfloat16 "
                               "| float16."),
-    kv_cache_dtype: str = typer.Option("auto", help="KV cache, as vLLM's option: auto (the weights' dtype) | "
-                                       "bfloat16 | float16 | float32 | fp8."),
-    reserve: str = typer.Option(DEFAULT_RESERVE, help="Memory held back from --fit-memory for the runtime: a share "
-                                "of it plus a fixed size (CUDA context, activations, CUDA graphs); 0 for none."),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
     tp_size: int = tp_size_option(),
     channel_multiple: int = channel_multiple_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the choice, its cost and the candidates as JSON."),
@@ -192,16 +207,13 @@ def fit(
 ):
     """The largest slice that fits a memory or parameter budget, with why: the neighbouring slices, the binding
     constraint and the headroom. Serve it with the --sparsity it prints."""
-    from ..arguments import check_dtype, check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve
+    from ..arguments import check_dtype
     from ..artifact import read_manifest
 
     if fit_memory is None and fit_params is None:
         raise ValueError("no budget given: pass --fit-memory (e.g. 24GiB) and/or --fit-params (e.g. 5B)")
-    memory = parse_bytes(fit_memory) if fit_memory is not None else None  # before the heavy imports
-    params = parse_count(fit_params) if fit_params is not None else None
+    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)  # before the heavy imports
     check_dtype(dtype)
-    check_kv_cache_dtype(kv_cache_dtype)
-    parse_reserve(reserve)
     read_manifest(artifact)
 
     from ..budget import fit as fit_budget
@@ -216,6 +228,16 @@ def fit(
     for line in fit_lines(artifact, result):
         out.print(line, soft_wrap=True, highlight=False)
     out.print(candidates_table(result))
+
+
+def check_budget(fit_memory, fit_params, kv_cache_dtype, reserve) -> tuple[int | None, int | None]:
+    """The budget's values checked without torch: (bytes or None, parameters or None)."""
+    from ..arguments import check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve
+
+    check_kv_cache_dtype(kv_cache_dtype)
+    parse_reserve(reserve)
+    return (parse_bytes(fit_memory) if fit_memory is not None else None,
+            parse_count(fit_params) if fit_params is not None else None)
 
 
 def fit_lines(artifact, result) -> list[str]:

@@ -70,3 +70,21 @@ def test_an_impossible_budget_says_what_is_missing(artifact):
     res = cli("fit", artifact.path, "--fit-memory", "10KiB", *OPTS)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "even the most pruned slice this artifact covers" in res.stderr and "more than --fit-memory" in res.stderr
+
+
+def test_export_by_budget_writes_the_slice_fit_chose(artifact, tmp_path):
+    budget = fit(artifact, params="540K", max_model_len=64).cost
+    res = cli("export", artifact.path, "--fit-params", "540K", "--out", tmp_path / "e", "--max-model-len", "64")
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["gisp_slice"]["sparsity"] == budget.sparsity and "fits the budget" in res.stderr
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--sparsity", "0.4", "--fit-memory", "1GiB"], "a sparsity and a budget together: drop --sparsity"),
+    ([], "pass --sparsity (e.g. 0.4) or a budget"),
+    (["--fit-memory", "24 gigs"], "--fit-memory '24 gigs': unknown unit 'gigs'"),
+])
+def test_export_takes_a_sparsity_or_a_budget(tmp_path, args, said):
+    res = cli("export", tmp_path / "no-such-artifact", "--out", tmp_path / "e", *args)
+    assert res.returncode == 2 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
