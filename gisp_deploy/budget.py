@@ -167,8 +167,9 @@ def fit(artifact, *, config=None, memory=None, params=None, max_model_len: int |
     # Slices are nested and rounding only adds back a layer's own top-ranked structures, so every cost is
     # non-increasing in the prefix length: the first prefix that fits is the largest slice that does.
     low, high = 0, ranking.num_covered
-    if broken(cost(high)[1]):
-        raise ValueError(_impossible(cost(high)[1], broken(cost(high)[1]), memory, params, reserved))
+    most_pruned = cost(high)[1]
+    if broken(most_pruned):
+        raise ValueError(_impossible(most_pruned, broken(most_pruned), memory, params, reserved))
     while low < high:
         mid = (low + high) // 2
         low, high = (mid + 1, high) if broken(cost(mid)[1]) else (low, mid)

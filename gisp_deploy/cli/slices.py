@@ -264,7 +264,7 @@ def fit_lines(artifact, result) -> list[str]:
         saved = 1 - c.kv_bytes_per_token / result.dense_kv_bytes_per_token
         lines.append(f"[bold]KV cache:[/] {kv_share:.0%} of weights + KV, {saved:.0%} smaller than dense: q_head slices "
                      "shrink it only when a whole KV group leaves a layer; an artifact pruned with --unit kv_group "
-                     "saves more")
+                     "removes whole groups where its ranking finds them cheap (KV saved, below)")
     lines.append(f"[bold]serve it:[/] gisp-deploy serve {artifact} --sparsity {c.sparsity:g}{rounding}")
     return lines
 
