@@ -215,8 +215,8 @@ def disagreement_warnings(rounds: list[dict], cfg: SpeedConfig) -> list[str]:
         s = spread([r[k] for r in rounds])
         if len(rounds) > 1 and s["rel"] > cfg.tolerance:
             out.append(f"repeats disagree: {names[k]} spans {s['min']:.4g}-{s['max']:.4g} ({s['rel']:.0%} of the "
-                       f"median, tolerance {cfg.tolerance:.0%}); the machine's load changed: measure on an idle "
-                       "machine, or pass --until-stable")
+                       f"median, tolerance {cfg.tolerance:.0%}): too noisy to publish; measure on an idle machine, "
+                       "or pass --until-stable")
     return out
 
 
