@@ -191,7 +191,7 @@ def test_errors_and_lazy_export(sources):
     src = sources("llama-gqa")
     with pytest.raises(SparsityError, match="beyond what this artifact covers"):
         load(src.artifact, 0.9)
-    with pytest.raises(ValueError, match="sparsity or a plan"):
+    with pytest.raises(ValueError, match="pass a sparsity, a plan or a budget"):
         load(src.artifact)
     model = load(str(src.artifact.path), 0.3)  # a path works too
     assert not model.training and model.generation_config.pad_token_id == 2
