@@ -191,16 +191,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """`gisp-deploy serve` in a child process on 127.0.0.1 (a free port), its output in `log`."""
+SERVE_VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20),
+                   "--dtype", "float32")
 
-    def __init__(self, path, args, log: Path, *extra_vllm):
+
+class Server:
+    """`gisp-deploy serve` in a child process on 127.0.0.1 (a free port), its output in `log`; vLLM gets
+    `vllm_args` (small and fast by default), then `extra_vllm`."""
+
+    def __init__(self, path, args, log: Path, *extra_vllm, vllm_args=SERVE_VLLM_ARGS):
         self.port = free_port()
         self.log = log
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-        argv = [*SERVE_ARGV, str(path), *args, "--port", str(self.port), "--",
-                "--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20),
-                "--dtype", "float32", *extra_vllm]
+        argv = [*SERVE_ARGV, str(path), *args, "--port", str(self.port), "--", *vllm_args, *extra_vllm]
         self.proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.base = f"http://127.0.0.1:{self.port}"
 

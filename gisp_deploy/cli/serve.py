@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from click.core import ParameterSource
 
-from .common import console, expect_digest_option, say, verify_option
+from .common import (console, expect_digest_option, fit_memory_option, fit_params_option, kv_cache_dtype_option,
+                     max_model_len_option, max_num_seqs_option, reserve_option, say, verify_option)
 
 SERVE_EXAMPLES = """
 [bold]Examples[/]
@@ -28,6 +32,12 @@ SERVE_EXAMPLES = """
   gisp-deploy serve llama3-gisp --sparsity 0.4 -- \\
       --chat-template template.jinja
 
+  # the largest slice for one 24 GiB GPU, 8k context for 4 requests;
+  # vLLM gets the plan's --max-model-len, --max-num-seqs, --dtype and
+  # the budget as --gpu-memory-utilization (CPU: --kv-cache-memory-bytes)
+  gisp-deploy serve llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 4 -- --dtype bfloat16
+
   # then, from any OpenAI client
   curl http://127.0.0.1:8000/v1/completions \\
       -H 'Content-Type: application/json' \\
@@ -39,7 +49,8 @@ SERVE_EXAMPLES = """
 def serve(
     artifact: Path = typer.Argument(..., help="Artifact directory (sliced while vLLM loads it), or a directory "
                                     "written by `gisp-deploy export`."),
-    sparsity: Optional[float] = typer.Option(None, help="Sparsity of the slice to serve (artifacts only)."),
+    sparsity: Optional[float] = typer.Option(None, help="Sparsity of the slice to serve (artifacts only); or let a "
+                                             "budget choose it (--fit-memory / --fit-params)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor-parallel ranks; "
@@ -50,13 +61,46 @@ def serve(
     vllm_args: Optional[List[str]] = typer.Argument(None, help="Further vLLM server arguments, after --."),
     verify: bool = verify_option(),
     expect_digest: Optional[str] = expect_digest_option(),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
 ):
-    """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models)."""
+    """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models).
+    A budget (--fit-memory) chooses the slice and gives vLLM the settings it was planned for; --max-model-len,
+    --max-num-seqs and --kv-cache-dtype go to vLLM, with or without a budget."""
+    from ..arguments import check_one_size
+    from .slices import check_budget
+
+    check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
+    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
+    ctx = click.get_current_context()
+    max_num_seqs, reserve = (None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
+                             for name, value in (("max_num_seqs", max_num_seqs), ("reserve", reserve)))  # not given
+
     from ..serving.launch import serve as run
 
     rc = run(artifact, sparsity, host=host, port=port, tensor_parallel_size=tensor_parallel_size,
              channel_multiple=channel_multiple, served_model_name=served_model_name, vllm_args=vllm_args or (),
-             verify=verify, expect_digest=expect_digest, log=say)
+             verify=verify, expect_digest=expect_digest, fit_memory=memory, fit_params=params,
+             max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+             reserve=reserve, on_plan=show_plan(artifact), log=say)
     if rc:
         console.print(f"[bold red]error:[/] the vLLM server exited with status {rc} (its log is above)")
         raise typer.Exit(rc if 0 < rc < 256 else 1)
+
+
+def show_plan(artifact):
+    """What `serve` prints of a budget's plan: fit's own lines and table (on stderr, with the server's log)."""
+    def show(result):
+        from rich.console import Console
+
+        from .slices import candidates_table, fit_lines
+
+        out = Console(stderr=True, width=None if sys.stderr.isatty() else 240)  # a log file: not cut to 80 columns
+        for line in fit_lines(artifact, result):
+            out.print(line, soft_wrap=True, highlight=False)
+        out.print(candidates_table(result))
+    return show

