@@ -6,9 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
-from click.core import ParameterSource
 
 from .common import (console, expect_digest_option, fit_memory_option, fit_params_option, kv_cache_dtype_option,
                      max_model_len_option, max_num_seqs_option, reserve_option, say, verify_option)
@@ -47,6 +45,7 @@ SERVE_EXAMPLES = """
 
 
 def serve(
+    ctx: typer.Context,
     artifact: Path = typer.Argument(..., help="Artifact directory (sliced while vLLM loads it), or a directory "
                                     "written by `gisp-deploy export`."),
     sparsity: Optional[float] = typer.Option(None, help="Sparsity of the slice to serve (artifacts only); or let a "
@@ -76,9 +75,8 @@ def serve(
 
     check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
     memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
-    ctx = click.get_current_context()
-    max_num_seqs, reserve = (None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
-                             for name, value in (("max_num_seqs", max_num_seqs), ("reserve", reserve)))  # not given
+    max_num_seqs, reserve = (None if ctx.get_parameter_source(name).name == "DEFAULT" else value  # not given
+                             for name, value in (("max_num_seqs", max_num_seqs), ("reserve", reserve)))
 
     from ..serving.launch import serve as run
 

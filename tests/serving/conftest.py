@@ -49,3 +49,16 @@ def server(artifacts, tmp_path_factory):
     finally:
         if srv.proc.poll() is None:
             srv.stop(signal.SIGINT)
+
+
+FIT_OPTIONS = dict(max_model_len=256, max_num_seqs=2, dtype="float32", reserve="0")  # small and fast in vLLM
+
+
+@pytest.fixture(scope="module")
+def middle_budget(artifacts):
+    """(artifact, bytes, fit's options): a memory budget that binds between the dense model and sparsity 0.2."""
+    from gisp_deploy.budget import fit
+
+    path = artifacts("llama-gqa")
+    dense = fit(path, memory=10 << 30, **FIT_OPTIONS)  # candidates: dense, 0.1, 0.2
+    return path, (dense.cost.memory + dense.candidates[-1].cost.memory) // 2, dict(FIT_OPTIONS)

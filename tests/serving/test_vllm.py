@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import re
 import signal
 import tempfile
 import time
@@ -288,6 +289,51 @@ def test_serve_referenced_weights_and_sigterm(artifacts, tmp_path):
         rc, kids = srv.stop(signal.SIGTERM)
     assert rc == 0 and not [k for k in kids if running(k)]
     assert not any(p.exists() for p in staged)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_serve_fit_memory_holds_the_planned_context_times_concurrency(middle_budget, tmp_path):
+    """`serve --fit-memory X --max-model-len L --max-num-seqs N` starts the slice fit chooses; vLLM's own KV-cache
+    capacity (its /metrics cache config and its log line) covers L x N tokens, by less than one more sequence,
+    and N requests of L tokens each are answered at once."""
+    from gisp_deploy.budget import fit
+
+    path, budget, options = middle_budget
+    n_len, n_seqs = options["max_model_len"], options["max_num_seqs"]
+    want = fit(path, memory=budget, **options)
+    srv = Server(path, ["--fit-memory", str(budget), "--max-model-len", str(n_len), "--max-num-seqs", str(n_seqs),
+                        "--reserve", "0"], tmp_path / "serve.log", vllm_args=("--enforce-eager", "--dtype", "float32"))
+    try:
+        srv.wait_ready()
+        out = srv.output()
+        assert f"chosen: sparsity {want.cost.sparsity:g}" in out and "--kv-cache-memory-bytes" in out
+        with urllib.request.urlopen(f"{srv.base}/metrics", timeout=30) as r:
+            info = re.search(r"^vllm:cache_config_info\{([^}]*)\}", r.read().decode(), re.M).group(1)
+        cache = dict(re.findall(r'(\w+)="([^"]*)"', info))
+        blocks, block = int(cache["num_gpu_blocks"]), int(cache["block_size"])
+        assert (blocks - 1) * block >= n_len * n_seqs  # one block is vLLM's null block
+        tokens, per_request, concurrency = re.search(
+            r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x",
+            out).groups()
+        assert int(tokens.replace(",", "")) >= n_len * n_seqs and int(per_request.replace(",", "")) == n_len
+        assert n_seqs <= float(concurrency) < n_seqs + 1  # what was planned, not the machine's memory
+
+        def ask(i):
+            prompt = [(37 * k + i) % 7900 + 3 for k in range(n_len - 8)]
+            body = json.dumps({"model": f"{Path(path).name}@{want.cost.sparsity:g}", "prompt": prompt,
+                               "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode()
+            req = urllib.request.Request(f"{srv.base}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())["usage"]
+
+        with ThreadPoolExecutor(n_seqs) as pool:
+            usages = list(pool.map(ask, range(n_seqs)))
+        assert [u["prompt_tokens"] + u["completion_tokens"] for u in usages] == [n_len] * n_seqs
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGTERM)
 
 
 # ---- without an engine
