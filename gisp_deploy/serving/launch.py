@@ -24,9 +24,10 @@ from pathlib import Path
 
 from ..arguments import DEFAULT_RESERVE, check_kv_cache_dtype, check_one_size
 from ..artifact import load_artifact
+from ..budget import format_bytes
 from ..families import family_named
 from .process import ServeError, child_env, die_with_parent, require_vllm, staged_model_dir, stop_tree, vllm_distribution
-from .settings import VllmSettings, budget_settings, flag_value, has_flag, merged_args, vllm_int
+from .settings import VllmSettings, budget_settings, capacity_line, flag_value, has_flag, merged_args, vllm_int
 from .summary import has_chat_template, is_exported, slice_summary
 
 
@@ -95,6 +96,14 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _read(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode(errors="replace")
+    except Exception:  # the server answers /health but not this: say so, do not stop it
+        return ""
+
+
 def run_server(cmd: list[str], *, env: dict, health_url: str, on_ready, log=print) -> int:
     """Run `cmd` in its own session until it exits or this process gets SIGINT/SIGTERM/SIGHUP; returns the
     child's exit status (0 after a stop by signal). The process tree is always stopped on the way out."""
@@ -147,6 +156,9 @@ def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int
     ]
     if settings is not None and settings.args():
         lines.append(f"  vLLM settings: --tensor-parallel-size {tensor_parallel_size} {' '.join(settings.args())}")
+    if settings is not None and settings.kv_cache_memory_bytes:
+        lines.append(f"  KV cache {format_bytes(settings.kv_cache_memory_bytes)} per rank: the planned one in vLLM's "
+                     "whole blocks, and its null block")
     if not chat_template:
         lines.append(NO_CHAT_TEMPLATE)
     return lines + [f"  starting vLLM as {name!r} on {base}/v1 ..."]
@@ -214,8 +226,13 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
                            channel_multiple=channel_multiple, settings=settings,
                            chat_template=has_chat_template(artifact) or has_flag(extra, "--chat-template")):
             log(line)
-        rc = run_server(cmd, env=child_env(tensor_parallel_size), health_url=f"{base}/health",
-                        on_ready=lambda: log(f"serving {name!r} at {base}/v1 (Ctrl-C to stop)"), log=log)
+        def on_ready():
+            if fit_memory is not None:  # the plan is only as good as its reserve: say what vLLM made of it
+                log(capacity_line(_read(f"{base}/metrics"), settings))
+            log(f"serving {name!r} at {base}/v1 (Ctrl-C to stop)")
+
+        rc = run_server(cmd, env=child_env(tensor_parallel_size), health_url=f"{base}/health", on_ready=on_ready,
+                        log=log)
     finally:
         if staged:
             staged.cleanup()

@@ -170,3 +170,30 @@ def _check_cpu_kv_env(kv: int) -> None:
     if space and not (space.isdigit() and int(space) * GiB == kv):
         raise ServeError(f"VLLM_CPU_KVCACHE_SPACE={space} in the environment would replace the planned KV cache "
                          f"({kv} bytes, --kv-cache-memory-bytes): unset it to serve with --fit-memory")
+
+
+# ---- what vLLM made of it
+def kv_cache_blocks(metrics: str) -> tuple[int, int] | None:
+    """(blocks, tokens per block) of vLLM's KV cache, from the text of its /metrics (the labels of
+    vllm:cache_config_info); None when it does not say."""
+    found = re.search(r"^vllm:cache_config_info\{([^}]*)\}", metrics, re.M)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) if found else {}
+    try:
+        return int(labels["num_gpu_blocks"]), int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+def capacity_line(metrics: str, settings: VllmSettings) -> str:
+    """Whether the KV cache vLLM allocated holds the planned sequences at full length at once."""
+    length, seqs = settings.max_model_len, settings.max_num_seqs
+    found = kv_cache_blocks(metrics)
+    if found is None:
+        return "warning: vLLM's /metrics does not say how large its KV cache is; its log line 'KV cache size' does"
+    blocks, block = found
+    held = (blocks - 1) // -(-length // block)  # whole blocks per sequence; one block is vLLM's null block
+    said = f"{blocks} blocks of {block} tokens: {held} sequences of {length} tokens at once"
+    if held >= seqs:
+        return f"  vLLM's KV cache: {said} (planned {seqs})"
+    return (f"warning: vLLM's KV cache holds fewer sequences than planned ({said}, planned {seqs}): the runtime "
+            "took more than --reserve; raise --reserve, or lower --max-num-seqs / --max-model-len")

@@ -100,3 +100,20 @@ def test_without_a_gpu_the_gpu_memory_is_not_guessed(monkeypatch):
     monkeypatch.setattr(st.sys, "executable", "/bin/false")  # the child that reads torch.cuda fails
     with pytest.raises(ServeError, match="0 CUDA device"):
         st.cuda_memory(1)
+
+
+def test_what_vllm_allocated_is_checked_against_the_plan():
+    from gisp_deploy.serving.settings import capacity_line, kv_cache_blocks
+
+    def metrics(blocks):
+        return ("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
+                f'vllm:cache_config_info{{block_size="128",cache_dtype="auto",engine="0",num_gpu_blocks="{blocks}",'
+                'swap_space="0"} 1.0\nvllm:num_requests_running{engine="0"} 0.0\n')
+
+    plan = VllmSettings(max_model_len=256, max_num_seqs=2)
+    assert kv_cache_blocks(metrics(5)) == (5, 128) and kv_cache_blocks("vllm:other 1") is None
+    assert capacity_line(metrics(5), plan) == ("  vLLM's KV cache: 5 blocks of 128 tokens: 2 sequences of 256 tokens "
+                                               "at once (planned 2)")
+    short = capacity_line(metrics(4), plan)  # the null block leaves 3: one sequence and a half
+    assert short.startswith("warning:") and "1 sequences of 256 tokens" in short and "raise --reserve" in short
+    assert capacity_line("", plan).startswith("warning: vLLM's /metrics does not say")

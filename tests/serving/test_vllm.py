@@ -298,6 +298,7 @@ def test_serve_fit_memory_holds_the_planned_context_times_concurrency(middle_bud
     capacity (its /metrics cache config and its log line) covers L x N tokens, by less than one more sequence,
     and N requests of L tokens each are answered at once."""
     from gisp_deploy.budget import fit
+    from gisp_deploy.serving.settings import kv_cache_blocks
 
     path, budget, options = middle_budget
     n_len, n_seqs = options["max_model_len"], options["max_num_seqs"]
@@ -309,10 +310,9 @@ def test_serve_fit_memory_holds_the_planned_context_times_concurrency(middle_bud
         out = srv.output()
         assert f"chosen: sparsity {want.cost.sparsity:g}" in out and "--kv-cache-memory-bytes" in out
         with urllib.request.urlopen(f"{srv.base}/metrics", timeout=30) as r:
-            info = re.search(r"^vllm:cache_config_info\{([^}]*)\}", r.read().decode(), re.M).group(1)
-        cache = dict(re.findall(r'(\w+)="([^"]*)"', info))
-        blocks, block = int(cache["num_gpu_blocks"]), int(cache["block_size"])
+            blocks, block = kv_cache_blocks(r.read().decode())
         assert (blocks - 1) * block >= n_len * n_seqs  # one block is vLLM's null block
+        assert f"vLLM's KV cache: {blocks} blocks of {block} tokens: {n_seqs} sequences" in out
         tokens, per_request, concurrency = re.search(
             r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x",
             out).groups()
