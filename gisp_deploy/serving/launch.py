@@ -255,7 +255,8 @@ def budget_fit(artifact: Path, extra: list[str], *, fit_memory, fit_params, max_
     return fit(art, memory=fit_memory, params=fit_params, reserve=DEFAULT_RESERVE if reserve is None else reserve,
                max_model_len=_planned(max_model_len, extra, "--max-model-len"),
                max_num_seqs=_planned(max_num_seqs, extra, "--max-num-seqs") or 1,
-               kv_cache_dtype=check_kv_cache_dtype(kv_cache_dtype or flag_value(extra, "--kv-cache-dtype")),
+               kv_cache_dtype=check_kv_cache_dtype(kv_cache_dtype if kv_cache_dtype not in (None, "auto")
+                                                   else flag_value(extra, "--kv-cache-dtype")),
                dtype=flag_value(extra, "--dtype") or "auto", tp_size=tensor_parallel_size,
                channel_multiple=channel_multiple)
 

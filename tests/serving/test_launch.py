@@ -1,4 +1,5 @@
-"""`serve`'s checks before vLLM starts, without vLLM: an open interface without an API key is warned about."""
+"""`serve` up to the point where vLLM starts, without vLLM: an open interface without an API key is warned about,
+the banner, and a budget's slice and vLLM settings."""
 
 import json
 
@@ -131,6 +132,9 @@ def test_a_budget_reads_context_and_concurrency_given_after_the_double_dash(midd
                  vllm_args=["--max-model-len", "256", "--max-num-seqs=2", "--dtype", "float32"])
     assert plans[0].cost == fit(path, memory=budget, **options).cost
     assert captured["cmd"].count("--max-model-len") == 1 and captured["cmd"].count("--max-num-seqs=2") == 1
+    launch.serve(path, fit_memory=budget, reserve="0", kv_cache_dtype="auto", port=free_port(), on_plan=plans.append,
+                 log=lambda s: None, vllm_args=["--max-model-len", "256", "--kv-cache-dtype", "float16"])
+    assert plans[1].cost.kv_bytes_per_token * 2 == plans[0].cost.kv_bytes_per_token  # float16 after --, not float32
 
 
 @pytest.mark.parametrize("kwargs, said", [
