@@ -7,7 +7,8 @@ activations and KV cache inside that share), on the CPU as `--kv-cache-memory-by
 cache by that alone, so it gets the planned KV bytes, rounded up to whole blocks). An option the user also
 passes after `--` must say the same, or it is refused in one line.
 
-Nothing here imports vLLM or torch (the GPU's memory is read in a child process).
+Nothing here imports vLLM, and the GPU's memory is read in a child process: a CUDA context in `serve` would hold
+memory that vLLM, started next, could then not have.
 """
 
 from __future__ import annotations
@@ -133,8 +134,7 @@ def gpu_memory_utilization(budget: int, devices: list[tuple[int, int]]) -> float
 
 
 def cuda_memory(count: int) -> list[tuple[int, int]]:
-    """(free, total) bytes of the first `count` CUDA devices, read in a child process: a CUDA context in `serve`
-    itself would hold GPU memory that vLLM, started next, could not have."""
+    """(free, total) bytes of the first `count` CUDA devices (torch.cuda.mem_get_info in a child process)."""
     code = ("import json, torch; n = torch.cuda.device_count(); "
             f"print(json.dumps([torch.cuda.mem_get_info(i) for i in range(min(n, {count}))]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -152,9 +152,10 @@ def budget_settings(fit, *, device: str, extra: list[str], memory_of=cuda_memory
     planned = dict(max_model_len=st["max_model_len"], max_num_seqs=st["max_num_seqs"], dtype=st["dtype"],
                    kv_cache_dtype=None if st["kv_cache_dtype"] == "auto" else st["kv_cache_dtype"])
     if device == "cpu":
-        block = flag_value(extra, "--block-size")
-        kv = cpu_kv_cache_bytes(cost.kv_bytes_per_token, st["max_model_len"], st["max_num_seqs"],
-                                vllm_int(block) if block else CPU_BLOCK_SIZE)
+        block = flag_value(extra, "--block-size") or str(CPU_BLOCK_SIZE)
+        if not block.isdigit() or int(block) < 1:
+            raise ServeError(f"--block-size {block} after --: give a number of tokens, e.g. --block-size 128")
+        kv = cpu_kv_cache_bytes(cost.kv_bytes_per_token, st["max_model_len"], st["max_num_seqs"], int(block))
         _check_cpu_kv_env(kv)
         return VllmSettings(**planned, kv_cache_memory_bytes=kv)
     if has_flag(extra, "--kv-cache-memory-bytes"):

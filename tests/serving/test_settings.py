@@ -74,6 +74,8 @@ def test_a_cpu_plan_gives_vllm_the_planned_kv_cache_in_whole_blocks(planned, mon
     assert got.kv_cache_memory_bytes >= planned.cost.kv_bytes
     small = budget_settings(planned, device="cpu", extra=["--block-size", "32"])
     assert small.kv_cache_memory_bytes == (2 * 8 + 1) * 32 * per_token
+    with pytest.raises(ServeError, match="--block-size big after --: give a number of tokens"):
+        budget_settings(planned, device="cpu", extra=["--block-size", "big"])
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     with pytest.raises(ServeError, match="VLLM_CPU_KVCACHE_SPACE=4 in the environment would replace"):
         budget_settings(planned, device="cpu", extra=[])
