@@ -123,6 +123,23 @@ def test_a_memory_budget_serves_the_slice_fit_chooses_with_the_settings_it_plann
     assert any(f"at sparsity {want.cost.sparsity:g}" in s for s in said)
 
 
+def test_a_budget_over_two_ranks_plans_and_serves_each_ranks_share(middle_budget, captured):
+    from gisp_deploy.budget import fit
+    from gisp_deploy.serving.settings import cpu_kv_cache_bytes, flag_value
+
+    path, budget, options = middle_budget
+    want = fit(path, memory=budget // 2, tp_size=2, **options)
+    plans = []
+    launch.serve(path, fit_memory=budget // 2, tensor_parallel_size=2, max_model_len=256, max_num_seqs=2,
+                 reserve="0", port=free_port(), vllm_args=["--dtype", "float32"], on_plan=plans.append,
+                 log=lambda s: None)
+    cmd = captured["cmd"]
+    overrides = json.loads(flag_value(cmd, "--hf-overrides"))
+    assert plans[0].cost == want.cost and overrides["gisp_sparsity"] == want.cost.sparsity
+    assert overrides["gisp_tp_size"] == 2 == int(flag_value(cmd, "--tensor-parallel-size"))
+    assert flag_value(cmd, "--kv-cache-memory-bytes") == str(cpu_kv_cache_bytes(want.cost.kv_bytes_per_token, 256, 2))
+
+
 def test_a_budget_reads_context_and_concurrency_given_after_the_double_dash(middle_budget, captured):
     from gisp_deploy.budget import fit
 
