@@ -46,6 +46,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OWN_FLAGS = ("--model", "--host", "--port", "--tensor-parallel-size", "-tp", "--hf-overrides", "--served-model-name")
 
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this gisp_deploy
+
+
+def child_python(code: str) -> list[str]:
+    """argv of a Python child running `code`. `python -c` would put the working directory first on sys.path, so
+    a grp.py or json.py lying there would run in the server: the child drops it, and finds this same gisp_deploy."""
+    return [sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            f"sys.path.insert(0, {PACKAGE_ROOT!r}) if {PACKAGE_ROOT!r} not in sys.path else None; {code}"]
+
+
 def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp_size: int, channel_multiple: int,
                  served_model_name: str, extra: list[str], model_dir: Path | None = None,
                  verify: bool = True) -> list[str]:
@@ -53,7 +63,7 @@ def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp
     clash = [f for f in OWN_FLAGS if has_flag(extra, f)]
     if clash:
         raise ServeError(f"{', '.join(clash)} after -- : set these with gisp-deploy serve's own options")
-    cmd = [sys.executable, "-c", "from gisp_deploy.serving.launch import vllm_main; vllm_main()",
+    cmd = [*child_python("from gisp_deploy.serving.launch import vllm_main; vllm_main()"),
            "--model", str(model_dir or path), "--host", host, "--port", str(port),
            "--tensor-parallel-size", str(tp_size), "--served-model-name", served_model_name]
     if sparsity is not None:

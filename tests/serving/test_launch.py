@@ -185,3 +185,15 @@ def test_without_a_budget_context_and_concurrency_go_to_vllm_as_given(artifacts,
     cmd = captured["cmd"]
     assert flag_value(cmd, "--max-model-len") == "512" and flag_value(cmd, "--max-num-seqs") == "8"
     assert flag_value(cmd, "--gpu-memory-utilization") == "0.3"  # vLLM-CPU's own sizing, as before
+
+
+def test_the_server_child_ignores_modules_in_the_working_directory(tmp_path):
+    import subprocess
+
+    import gisp_deploy
+
+    (tmp_path / "grp.py").write_text("raise SystemExit('the grp.py of the working directory ran')\n")
+    p = subprocess.run(launch.child_python("import grp, gisp_deploy; print(grp.__name__, gisp_deploy.__file__)"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["grp", gisp_deploy.__file__]  # the standard library's grp; this very package
