@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import load_artifact
+from ..budget import decode_bytes, weight_read_params
 from ..hf import dtype_bytes, load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
@@ -60,21 +61,6 @@ class BenchConfig:
         if self.speed and self.speed.dtype != self.serve_dtype:  # bytes are counted at the dtype vLLM runs
             object.__setattr__(self, "speed", replace(self.speed, dtype=self.serve_dtype))
         check_options(self.lm_eval_limit, self.num_fewshot)
-
-
-def decode_bytes(weight_read_params: int, kv_bytes_per_token: int, dtype_bytes: int, batch: int,
-                 context: float) -> float:
-    """Bytes one decode step reads: every weight once, and each sequence's KV cache."""
-    return weight_read_params * dtype_bytes + batch * context * kv_bytes_per_token
-
-
-def weight_read_params(parameters: int, config) -> int:
-    """Parameters a decode step reads: all but the input embedding table (one row per token), unless tied to
-    the output projection, which reads it whole."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text, "tie_word_embeddings", False):
-        return parameters
-    return parameters - text.vocab_size * text.hidden_size
 
 
 def _weights_key(art) -> tuple:
@@ -204,9 +190,9 @@ def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig, log=print
     for r in recs:
         if r["measure"] == "speed":
             b, context = r["batch_size"], cfg.speed.context
-            ideal = decode_bytes(dense_size["weight_read_params"], dense_size["kv_bytes_per_token"], nbytes, b,
+            ideal = decode_bytes(dense_size["weight_read_params"] * nbytes, dense_size["kv_bytes_per_token"], b,
                                  context) / \
-                decode_bytes(size["weight_read_params"], size["kv_bytes_per_token"], nbytes, b, context)
+                decode_bytes(size["weight_read_params"] * nbytes, size["kv_bytes_per_token"], b, context)
             beaten = ideal_warning(r, ideal, cfg.speed)
             r = {**r, "ideal_speedup": ideal, "fraction_of_ideal": r["speedup"] / ideal,
                  "gain_fraction": (r["speedup"] - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None,

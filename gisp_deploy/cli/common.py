@@ -125,6 +125,23 @@ def fit_params_option():
                         "1.2e9.")
 
 
+def fit_speedup_option():
+    return typer.Option(None, "--fit-speedup", help="Decode speed-up over the dense model at --batch-size "
+                        "sequences, e.g. 1.5: the least pruned slice that reaches it (ideal from bytes read, or "
+                        "measured with --speed-table).")
+
+
+def speed_table_option():
+    return typer.Option(None, "--speed-table", help="A `gisp-deploy bench --speed` results.json of this "
+                        "artifact: measured speed-ups (interpolated between measured slices, never extrapolated) "
+                        "and held-out perplexity of the slices it measured.")
+
+
+def fit_batch_size_option(*names: str) -> int:
+    return typer.Option(1, *(names or ("--fit-batch-size",)), min=1, help="With --fit-speedup: sequences decoded "
+                        "at once, the batch size the speed-up is at.")
+
+
 def max_model_len_option():
     return typer.Option(None, "--max-model-len", min=1, help="With --fit-memory: tokens of context the KV cache "
                         "holds per sequence (default: the model's max_position_embeddings).")
