@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import (alias_option, channel_multiple_option, console, expect_digest_option, fit_batch_size_option,
+from .common import (alias_option, budget_options, budget_sparsity, channel_multiple_option, check_budget, console, expect_digest_option, fit_batch_size_option,
                      fit_memory_option, fit_params_option, fit_speedup_option, kv_cache_dtype_option,
                      max_model_len_option, max_num_seqs_option, reserve_option, speed_table_option, tp_size_option,
                      verify_option)
@@ -23,6 +23,10 @@ INSPECT_EXAMPLES = """
   gisp-deploy inspect llama3-gisp
   gisp-deploy inspect llama3-gisp --sparsities 0.2,0.4,0.5 --plot widths.png
   gisp-deploy inspect llama3-gisp --sparsities 0.4 --json > slice.json
+
+  # the slice that a 24 GiB GPU with 8k x 4 tokens of KV cache takes
+  gisp-deploy inspect llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 4
 """
 
 
@@ -38,21 +42,37 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths (query heads, KV heads, MLP "
                                         "channels kept) across sparsities."),
     sparsity: Optional[str] = alias_option("--sparsity"),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    batch_size: int = fit_batch_size_option("--batch-size", "--fit-batch-size"),
+    speed_table: Optional[Path] = speed_table_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
+    tp_size: int = tp_size_option(),
+    channel_multiple: int = channel_multiple_option(),
 ):
-    """Show what an artifact holds and the per-layer widths of its slices."""
+    """Show what an artifact holds and the per-layer widths of its slices (or of the one a budget chooses)."""
     from ..arguments import parse_sparsities
     from ..artifact import read_manifest
 
     given = sparsity or sparsities
     sps = parse_sparsities(given) if given else None  # what a typo can break, before the heavy imports
+    budget = budget_options(artifact, given, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                            speed_table=speed_table, batch_size=batch_size, max_model_len=max_model_len,
+                            max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, reserve=reserve)
     read_manifest(artifact)
 
     from ..artifact import load_artifact
     from ..slicing.inspection import describe, plot_widths
 
     art = load_artifact(artifact, weights=False)  # what it describes is all metadata
+    if budget:
+        sps = [budget_sparsity(art, budget, tp_size=tp_size, channel_multiple=channel_multiple)]
     sps = sps or default_sparsities(art.ranking.coverage)
-    info = describe(art, sps)
+    info = describe(art, sps, tp_size=tp_size, channel_multiple=channel_multiple)
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
     else:
@@ -250,21 +270,6 @@ def fit(
     for line in fit_lines(artifact, result):
         out.print(line, soft_wrap=True, highlight=False)
     out.print(candidates_table(result, out))
-
-
-def check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, batch_size, kv_cache_dtype,
-                 reserve) -> dict:
-    """The budget's values checked without torch, as budget.fit's keywords: memory (bytes), params, speedup and
-    speed_table (read and checked here: a bad file answers before anything heavy runs); None where not given."""
-    from ..arguments import check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve, parse_speedup
-    from ..speed_table import read_speed_table
-
-    check_kv_cache_dtype(kv_cache_dtype)
-    parse_reserve(reserve)
-    return {"memory": parse_bytes(fit_memory) if fit_memory is not None else None,
-            "params": parse_count(fit_params) if fit_params is not None else None,
-            "speedup": parse_speedup(fit_speedup) if fit_speedup is not None else None,
-            "speed_table": read_speed_table(speed_table, batch_size, artifact) if speed_table is not None else None}
 
 
 def fit_lines(artifact, result) -> list[str]:
