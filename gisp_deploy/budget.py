@@ -28,12 +28,52 @@ def rank_kv_heads(kv: int, tp_size: int) -> int:
     return kv // tp_size if kv >= tp_size else min(kv, 1)
 
 
-def model_parameters(config, plan: SlicePlan) -> int:
-    """Parameters of the compact model of `plan`, built on the meta device (nothing allocated): embeddings, norms
-    and the padding query heads included, a tied embedding once."""
+VOCAB_PADDING = 64  # vLLM pads embedding and lm_head rows to a multiple of this (DEFAULT_VOCAB_PADDING_SIZE)
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # rows (and biases) split over ranks
+ROW_PARALLEL = ("o_proj", "down_proj")  # columns split; the bias, added after the all-reduce, on every rank
+VOCAB_PARALLEL = ("embed_tokens", "lm_head")  # padded rows split
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    parameters: int  # of the compact model, all ranks together, a tied embedding once
+    rank_elements: int  # held by each tensor-parallel rank in vLLM: its shards, the replicated tensors, padding
+    rank_embedding_elements: int  # of those, the input embedding's (a decode step reads one row of it per token)
+
+
+def model_size(config, plan: SlicePlan) -> ModelSize:
+    """The compact model of `plan`, built on the meta device (nothing allocated), counted as vLLM lays it out on
+    each of plan.tp_size ranks: column-parallel layers split their rows (a layer's KV heads as rank_kv_heads
+    says), row-parallel ones their columns, embedding and lm_head their rows padded to VOCAB_PADDING; norms and
+    row-parallel biases are replicated."""
     from .modeling import build_model, compact_config  # transformers' model code: only where counted
 
-    return sum(p.numel() for p in build_model(compact_config(config, plan)).parameters())
+    tp, head_dim = plan.tp_size, plan.shape.head_dim
+    tied = getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
+                   "tie_word_embeddings", False)
+    total = per_rank = embedding = 0
+    for name, p in build_model(compact_config(config, plan)).named_parameters():  # a tied lm_head: not again
+        module, kind = name.split(".")[-2:]
+        n = p.numel()
+        if module in VOCAB_PARALLEL:
+            rows = -(-p.shape[0] // VOCAB_PADDING) * VOCAB_PADDING
+            share = -(-rows // tp) * p.shape[1]
+            embedding += share if module == "embed_tokens" and not tied else 0
+        elif module in ("k_proj", "v_proj"):
+            kv = p.shape[0] // head_dim
+            share = n // kv * rank_kv_heads(kv, tp)
+        elif module in COLUMN_PARALLEL or (module in ROW_PARALLEL and kind == "weight"):
+            share = -(-n // tp)
+        else:  # norms, q/k norms, row-parallel biases, the bias left of a removed block
+            share = n
+        total, per_rank = total + n, per_rank + share
+    return ModelSize(parameters=total, rank_elements=per_rank, rank_embedding_elements=embedding)
+
+
+def model_parameters(config, plan: SlicePlan) -> int:
+    """Parameters of the compact model of `plan`: embeddings, norms and the padding query heads included, a
+    tied embedding once."""
+    return model_size(config, plan).parameters
 
 
 def decode_bytes(weight_read_bytes: int, kv_bytes_per_token: int, batch: int, context: float) -> float:
@@ -78,8 +118,8 @@ class SliceCost:
 
     sparsity: float  # give it as --sparsity (same --tp-size / --channel-multiple) to serve exactly this slice
     achieved_sparsity: float
-    parameters: int  # of the compact model: embeddings, norms and padding heads included
-    weight_bytes: int  # parameters x dtype bytes / tp_size (vLLM splits layers and embeddings over the ranks)
+    parameters: int  # of the compact model: embeddings, norms and padding heads included (all ranks)
+    weight_bytes: int  # on each rank, as vLLM holds them: shards, replicated norms and biases, vocab padding
     weight_read_bytes: int  # of weight_bytes, what a decode step reads: all but an untied input embedding
     kv_bytes_per_token: int  # every layer's own KV heads (a rank's share) x head_dim x 2 (K, V) x KV dtype bytes
     kv_bytes: int  # kv_bytes_per_token x max_model_len x max_num_seqs
@@ -93,16 +133,16 @@ class SliceCost:
 
 
 def slice_cost(config, plan: SlicePlan, *, dtype="auto", kv_cache_dtype=None, tokens: int = 0,
-               parameters: int | None = None) -> SliceCost:
-    """The cost of serving `plan` in `dtype` with a KV cache of `tokens` tokens (`parameters`: already counted)."""
+               size: ModelSize | None = None) -> SliceCost:
+    """The cost of serving `plan` in `dtype` with a KV cache of `tokens` tokens (`size`: already counted)."""
     weights = weight_dtype(dtype, config)
-    n = model_parameters(config, plan) if parameters is None else parameters
+    size = size or model_size(config, plan)
     kv = kv_cache_elements([rank_kv_heads(len(lp.kv_heads), plan.tp_size) for lp in plan.layers],
                            plan.shape.head_dim) * kv_dtype_bytes(kv_cache_dtype, weights)
     nbytes = dtype_bytes(weights)
-    return SliceCost(sparsity=plan.sparsity, achieved_sparsity=plan.achieved_sparsity, parameters=n,
-                     weight_bytes=-(-n * nbytes // plan.tp_size),
-                     weight_read_bytes=-(-weight_read_params(n, config) * nbytes // plan.tp_size),
+    return SliceCost(sparsity=plan.sparsity, achieved_sparsity=plan.achieved_sparsity, parameters=size.parameters,
+                     weight_bytes=size.rank_elements * nbytes,
+                     weight_read_bytes=(size.rank_elements - size.rank_embedding_elements) * nbytes,
                      kv_bytes_per_token=kv, kv_bytes=kv * tokens)
 
 
@@ -198,14 +238,14 @@ def fit(artifact, *, config=None, memory=None, params=None, speedup=None, batch_
     tokens = max_model_len * max_num_seqs
     table = _speed_table(speed_table, batch_size, path, ranking)
     context = table.context if table else max_model_len  # the ideal bounds what the table measured
-    counted: dict = {}  # plan layers -> parameters (rounding maps many prefixes to one plan)
+    counted: dict = {}  # plan layers -> ModelSize (rounding maps many prefixes to one plan)
 
     def cost(prefix: int) -> tuple[SlicePlan, SliceCost]:
         plan = plan_slice(ranking, prefix_sparsity(ranking, prefix), tp_size=tp_size, channel_multiple=channel_multiple)
         if plan.layers not in counted:
-            counted[plan.layers] = model_parameters(config, plan)
+            counted[plan.layers] = model_size(config, plan)
         return plan, slice_cost(config, plan, dtype=dtype, kv_cache_dtype=kv_cache_dtype, tokens=tokens,
-                                parameters=counted[plan.layers])
+                                size=counted[plan.layers])
 
     dense = cost(0)[1]
 

@@ -12,10 +12,12 @@ from gisp_deploy.safetensors_file import ShardFile
 from gisp_deploy.speed_table import read_speed_table
 from tests.factory import Source, dense_model, make_model_dir, speed_results
 
-# (name, unit, config overrides, tp_size, channel_multiple): plain slices; kv_group slices rounded for 2 GPUs
+# (name, unit, config overrides, tp_size, channel_multiple): plain slices; kv_group slices rounded for 2 GPUs, of a
+# model with biases, a tied embedding and a vocabulary vLLM pads (8100 rows -> 8128)
 CASES = {"q_head": ("llama-gqa", "q_head", {}, 1, 1),
          "kv_group-tp2": ("qwen2-gqa", "kv_group", {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 4,
-                                                    "intermediate_size": 80}, 2, 16)}
+                                                    "intermediate_size": 80, "vocab_size": 8100,
+                                                    "tie_word_embeddings": True}, 2, 16)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -111,11 +113,16 @@ def test_weight_bytes_are_an_exports_and_kv_bytes_the_loaded_models(case, tmp_pa
     got = fit(art, memory=costs[len(costs) // 2].memory, tp_size=tp, channel_multiple=cm, **FIT)
     out = export_slice(art, tmp_path / "export", got.cost.sparsity, tp_size=tp, channel_multiple=cm,
                        dtype="bfloat16")["out"]
-    on_disk = 0
+    on_disk = per_rank = 0
     for f in sorted(tmp_path.joinpath("export").glob("*.safetensors")):
         with ShardFile(f) as shard:
-            on_disk += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in shard.entries.values())
-    assert got.cost.parameters * 2 == on_disk and got.cost.weight_bytes == -(-on_disk // tp), out
+            for name, e in shard.entries.items():
+                n = e["data_offsets"][1] - e["data_offsets"][0]
+                on_disk += n
+                per_rank += vllm_rank_bytes(name, e["shape"], n, tp, art.shape.head_dim)
+    assert got.cost.parameters * 2 == on_disk, out
+    assert got.cost.weight_bytes == per_rank  # one GPU, a vocabulary of 64s: what export writes; else more than 1/tp
+    assert got.cost.weight_bytes == on_disk if tp == 1 else got.cost.weight_bytes * tp > on_disk
     model = load(art, got.cost.sparsity, tp_size=tp, channel_multiple=cm, dtype=torch.bfloat16)
     head_dim = art.shape.head_dim
     kv_heads = [layer.self_attn.k_proj.out_features // head_dim for layer in model.model.layers
@@ -123,6 +130,34 @@ def test_weight_bytes_are_an_exports_and_kv_bytes_the_loaded_models(case, tmp_pa
     per_rank = [k // tp if k >= tp else 1 for k in kv_heads]  # fewer KV heads than GPUs: each holds a copy
     assert got.cost.kv_bytes_per_token == sum(per_rank) * head_dim * 2 * 2
     assert got.cost.kv_bytes == got.cost.kv_bytes_per_token * 64 * 2
+
+
+def vllm_rank_bytes(name: str, shape, nbytes: int, tp: int, head_dim: int) -> int:
+    """What one of `tp` ranks holds of an exported tensor in vLLM (vllm/model_executor/layers): norms and
+    RowParallelLinear biases whole; QKV / MergedColumnParallel rows split (KV heads replicated when fewer than
+    ranks); RowParallelLinear weights' columns split; VocabParallelEmbedding / ParallelLMHead rows padded to 64
+    (pad_vocab_size), then split."""
+    module, kind = name.split(".")[-2:]
+    if module in ("embed_tokens", "lm_head"):
+        return -(-shape[0] // 64) * 64 // tp * (nbytes // shape[0])
+    if module in ("k_proj", "v_proj"):
+        kv = shape[0] // head_dim
+        return nbytes // kv * (kv // tp if kv >= tp else 1)
+    if module in ("q_proj", "gate_proj", "up_proj") or (module in ("o_proj", "down_proj") and kind == "weight"):
+        return nbytes // tp
+    return nbytes
+
+
+def test_padding_and_replicas_under_tensor_parallelism(case):
+    """Per rank: a padded vocabulary and replicated norms make the rank's bytes more than a tp-th of the whole."""
+    art, tp, cm, costs = case
+    text = art.config
+    padded = -(-text.vocab_size // 64) * 64 * text.hidden_size
+    if tp == 1:
+        assert costs[0].weight_bytes == (costs[0].parameters + (padded - text.vocab_size * text.hidden_size) * 2) * 2
+    else:
+        assert costs[0].weight_bytes > costs[0].parameters * 2 // tp
+        assert text.tie_word_embeddings and costs[0].weight_read_bytes == costs[0].weight_bytes
 
 
 def test_kv_cache_shrinks_only_when_a_whole_kv_group_leaves(case):
