@@ -8,7 +8,7 @@ CUDA graphs) on CUDA, so a step costs its weight and KV reads rather than Python
 batch size: B random prompts, greedy, `min_new_tokens` = `max_new_tokens` = N; time per output token =
 (wall(N) - wall(1)) / (N - 1), medians of 3 after two warm-up runs (compilation). The dense model is
 transformers' own LlamaForCausalLM; slices are gisp_deploy.load. The ideal speed-up is the ratio of bytes a
-step reads (gisp_deploy.benchmark.bench.decode_bytes). Without --artifact a Llama-2-7B-shaped random checkpoint is
+step reads (gisp_deploy.budget.decode_bytes). Without --artifact a Llama-2-7B-shaped random checkpoint is
 written once (bench/gpu_load.py's).
 """
 
@@ -57,7 +57,7 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device, vo
 
 def main():
     from gisp_deploy.artifact import load_artifact
-    from gisp_deploy.benchmark.bench import decode_bytes, weight_read_params
+    from gisp_deploy.budget import decode_bytes, weight_read_params
     from gisp_deploy.slicing.loader import load
     from gisp_deploy.serving.summary import slice_summary
 
@@ -99,7 +99,7 @@ def main():
             except Exception as e:  # record and go on: one failing model must not lose the others' numbers
                 r = {"batch_size": b, "error": f"{type(e).__name__}: {e}"[:2000]}
             r.update(sparsity=s, parameters=summ.parameters, kv_bytes_per_token=summ.kv_bytes_per_token,
-                     bytes_per_step=decode_bytes(read, summ.kv_bytes_per_token, 2, b, context),
+                     bytes_per_step=decode_bytes(read * 2, summ.kv_bytes_per_token, b, context),
                      loader="transformers dense" if s == 0 else "gisp_deploy.load")
             rows.append(r)
             print(json.dumps(r), flush=True)

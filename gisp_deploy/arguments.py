@@ -139,8 +139,20 @@ def check_kv_cache_dtype(name: str | None) -> str | None:
                      f"{', '.join(FP8_KV_CACHE_DTYPES)}")
 
 
-def check_one_size(sparsity, fit_memory, fit_params) -> None:
-    """A slice is chosen by a sparsity or by a budget, never both."""
-    if sparsity is not None and (fit_memory is not None or fit_params is not None):
-        raise ValueError("a sparsity and a budget together: drop --sparsity to let --fit-memory / --fit-params "
-                         "choose the slice, or drop the budget")
+def parse_speedup(text, flag: str = "--fit-speedup") -> float:
+    """'1.5' or '1.5x' -> 1.5: a decode speed-up over the dense model (1 or less: the dense model meets it)."""
+    raw = str(text).strip().lower().removesuffix("x")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{flag} {text!r}: give a speed-up over the dense model, a positive number, e.g. 1.5")
+    return value
+
+
+def check_one_size(sparsity, *budgets) -> None:
+    """A slice is chosen by a sparsity or by a budget (--fit-memory / --fit-params / --fit-speedup), never both."""
+    if sparsity is not None and any(b is not None for b in budgets):
+        raise ValueError("a sparsity and a budget together: drop --sparsity to let --fit-memory / --fit-params / "
+                         "--fit-speedup choose the slice, or drop the budget")

@@ -4,6 +4,7 @@ hand-made slice plans, and a `gisp-deploy serve` process on loopback. Test modul
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 import os
 import shutil
@@ -20,7 +21,7 @@ import torch
 
 from gisp_deploy.artifact import load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
-from gisp_deploy.plan import LayerPlan, SlicePlan
+from gisp_deploy.plan import LayerPlan, SlicePlan, plan_slice
 from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.slicing.oracle import apply_oracle
 
@@ -255,3 +256,25 @@ def http_status(url, data: bytes | None = None, timeout=30) -> int:
         return e.code
     except (urllib.error.URLError, OSError):
         return -1
+
+
+def speed_results(path: Path, art, points, batch_size: int = 1, perplexity=None, tp_size: int = 1,
+                  channel_multiple: int = 1) -> Path:
+    """A results.json as `gisp-deploy bench --speed` writes it, with `points` {sparsity: speed-up} measured at
+    `batch_size` (dense included) and `perplexity` {sparsity: ppl} of persuasion.txt.gz at 128 tokens."""
+    records = []
+    for s in sorted({0.0, *points}):
+        plan = plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
+        ident = {"artifact": str(art.path), "name": Path(art.path).name, "method": "gisp", "unit": plan.unit,
+                 "sparsity": s, "achieved_sparsity": round(plan.achieved_sparsity, 6)}
+        records.append({**ident, "measure": "size", "decoder_params": plan.kept_params,
+                        "dense_decoder_params": plan.shape.total_params})
+        if s in (perplexity or {}):
+            records.append({**ident, "measure": "perplexity", "text": "persuasion.txt.gz", "seq_len": 128,
+                            "perplexity": perplexity[s]})
+        up = points.get(s, 1.0)
+        records.append({**ident, "measure": "speed", "prompt_len": 16, "gen_len": 32, "batch_size": batch_size,
+                        "speedup": up, "speedup_min": up * 0.98, "speedup_max": up * 1.02, "warnings": []})
+    path.write_text(json.dumps({"command": "bench", "speed": {"tp_size": tp_size, "channel_multiple":
+                                                               channel_multiple}, "results": records}))
+    return path

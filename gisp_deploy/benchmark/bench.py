@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import load_artifact
+from ..budget import budget_plan, decode_bytes, weight_read_params
 from ..hf import dtype_bytes, load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
@@ -46,6 +47,7 @@ class BenchConfig:
     lm_eval_limit: int | None = None
     num_fewshot: int | None = None
     lm_eval_include_path: str | None = None
+    budget: dict | None = None  # budget.budget_plan's keywords: each artifact's slice instead of `sparsities`
 
     def __post_init__(self):
         if 0.0 not in self.sparsities:
@@ -62,21 +64,6 @@ class BenchConfig:
         check_options(self.lm_eval_limit, self.num_fewshot)
 
 
-def decode_bytes(weight_read_params: int, kv_bytes_per_token: int, dtype_bytes: int, batch: int,
-                 context: float) -> float:
-    """Bytes one decode step reads: every weight once, and each sequence's KV cache."""
-    return weight_read_params * dtype_bytes + batch * context * kv_bytes_per_token
-
-
-def weight_read_params(parameters: int, config) -> int:
-    """Parameters a decode step reads: all but the input embedding table (one row per token), unless tied to
-    the output projection, which reads it whole."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text, "tie_word_embeddings", False):
-        return parameters
-    return parameters - text.vocab_size * text.hidden_size
-
-
 def _weights_key(art) -> tuple:
     return tuple(sorted(art.manifest.get("weights", {}).get("sha256", {}).items())) or (str(art.weights_dir),)
 
@@ -91,6 +78,7 @@ class Bench:
         self._dense: dict[tuple, dict] = {}
         self._dense_engine: tuple[tuple, Engine] | None = None  # (weights key, engine), kept for the slices
         self._lm_eval = None  # the lm-eval tasks, resolved and their data read once (validate)
+        self._budget_slices: dict[str, float] = {}  # artifact path -> the sparsity its budget chose (validate)
 
     def validate(self, paths) -> list:
         """Resolve the lm-eval tasks, load every artifact and plan every slice before measuring anything, so bad
@@ -99,7 +87,12 @@ class Bench:
             self._lm_eval = prepare_tasks(self.cfg.lm_eval_tasks, include_path=self.cfg.lm_eval_include_path)
         arts = [load_artifact(p, verify=self.cfg.verify) for p in paths]
         for art in arts:
-            for s in self.cfg.sparsities:
+            if self.cfg.budget:
+                self._budget_slices[str(art.path)] = budget_plan(
+                    art, None, **self.cfg.budget, dtype=self.cfg.serve_dtype, tp_size=self.cfg.tp_size,
+                    channel_multiple=self.cfg.channel_multiple).sparsity
+                self.log(f"{art.path}: the budget chooses sparsity {self._budget_slices[str(art.path)]:g}")
+            for s in self.sparsities(art):
                 plan_slice(art.ranking, s, tp_size=self.cfg.tp_size, channel_multiple=self.cfg.channel_multiple)
             limit = getattr(art.config.get_text_config(decoder=True), "max_position_embeddings", None)
             if self.cfg.texts and limit and max(self.cfg.seq_lens) > limit:
@@ -108,6 +101,11 @@ class Bench:
             if self.cfg.texts or self.cfg.tasks or self.cfg.lm_eval_tasks:
                 load_tokenizer(art.path)  # names the missing files and the fix
         return arts
+
+    def sparsities(self, art) -> tuple[float, ...]:
+        """The slices of `art` to measure: the dense model and the budget's slice, or every configured sparsity."""
+        chosen = self._budget_slices.get(str(art.path))
+        return self.cfg.sparsities if chosen is None else tuple(sorted({0.0, chosen}))
 
     def run(self, paths) -> list[dict]:
         try:
@@ -124,7 +122,7 @@ class Bench:
         streams = text_streams(tok, cfg.texts, cfg.max_tokens) if tok is not None else {}
         key = _weights_key(art)
         dense = []
-        for s in cfg.sparsities:
+        for s in self.sparsities(art):
             plan = plan_slice(art.ranking, s, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple)
             ident = slice_identity(art, plan)
             shared = self._dense.get(key) if s == 0 else None
@@ -204,9 +202,9 @@ def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig, log=print
     for r in recs:
         if r["measure"] == "speed":
             b, context = r["batch_size"], cfg.speed.context
-            ideal = decode_bytes(dense_size["weight_read_params"], dense_size["kv_bytes_per_token"], nbytes, b,
+            ideal = decode_bytes(dense_size["weight_read_params"] * nbytes, dense_size["kv_bytes_per_token"], b,
                                  context) / \
-                decode_bytes(size["weight_read_params"], size["kv_bytes_per_token"], nbytes, b, context)
+                decode_bytes(size["weight_read_params"] * nbytes, size["kv_bytes_per_token"], b, context)
             beaten = ideal_warning(r, ideal, cfg.speed)
             r = {**r, "ideal_speedup": ideal, "fraction_of_ideal": r["speedup"] / ideal,
                  "gain_fraction": (r["speedup"] - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None,
@@ -217,6 +215,14 @@ def _with_ideal(recs: list[dict], dense: list[dict], cfg: BenchConfig, log=print
     return out
 
 
+def _budget_record(budget: dict | None) -> dict | None:
+    """The budget as results.json records it (a speed table by its path)."""
+    if not budget:
+        return None
+    options = {k: getattr(v, "path", v) for k, v in budget["fit_options"].items()}
+    return {**{k: v for k, v in budget.items() if k != "fit_options"}, **options}
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return parse_sparsities(text)
@@ -224,20 +230,32 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what}: {e}") from None
 
 
-def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_lens="128,512",
+DEFAULT_SPARSITIES = "0.2,0.3,0.4,0.5"
+
+
+def bench(artifacts, *, sparsities=None, texts=(), tasks=(), seq_lens="128,512",
           max_tokens: int = 65536, batch_size: int = 16, device: str = "auto", dtype: str = "float32",
           serve_dtype: str = "bfloat16", tp_size: int = 1, channel_multiple: int = 1, speed: bool = False,
           batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, tolerance: float = 0.10,
           until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True,
           command: str = "bench", verify: bool = True, progress=None, log=print, lm_eval_tasks=(),
-          lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None):
+          lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None,
+          fit_memory=None, fit_params=None, fit_speedup=None, fit_options: dict | None = None):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
     Returns (records, paths written). Sparsities, seq_lens, batch_sizes and lm_eval_tasks (lm-eval task names
     or task YAML paths): comma-separated or sequences; lm_eval_limit: the first N items of each lm-eval task.
     progress(description, total, unit) -> advance(n) is told of each perplexity and accuracy pass before it
-    starts (one per slice and text, in tokens, and per slice and task, in items)."""
+    starts (one per slice and text, in tokens, and per slice and task, in items). A budget (fit_memory /
+    fit_params / fit_speedup, with fit_options: budget.fit's other keywords) instead of sparsities measures the
+    slice it chooses in each artifact, next to the dense model."""
+    from ..arguments import check_one_size
     from ..hf import pick_device, pick_dtype
+
+    check_one_size(sparsities, fit_memory, fit_params, fit_speedup)
+    given = {k: v for k, v in (("fit_memory", fit_memory), ("fit_params", fit_params), ("fit_speedup", fit_speedup))
+             if v is not None}
+    budget = {**given, "fit_options": fit_options or {}} if given else None
     from .report import environment, write_markdown, write_plots, write_results
 
     for p in [*texts, *tasks]:
@@ -253,17 +271,19 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
                                 channel_multiple=channel_multiple, enforce_eager=eager, tolerance=tolerance,
                                 until_stable=until_stable, max_repeats=max_repeats)
     dev = pick_device(device)
-    cfg = BenchConfig(sparsities=tuple(_floats(sparsities, "--sparsities")), texts=tuple(map(str, texts)),
+    listed = () if budget else tuple(_floats(sparsities or DEFAULT_SPARSITIES, "--sparsities"))
+    cfg = BenchConfig(sparsities=listed, texts=tuple(map(str, texts)),
                       seq_lens=parse_ints(seq_lens, "--seq-lens", minimum=2, example="128,512"), tasks=tuple(map(str, tasks)),
                       max_tokens=max_tokens or None, batch_size=batch_size, device=str(dev),
                       dtype=pick_dtype(dtype, dev), serve_dtype=serve_dtype, tp_size=tp_size,
                       channel_multiple=channel_multiple, speed=speed_cfg, verify=verify,
                       lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)), lm_eval_limit=lm_eval_limit or None,
                       num_fewshot=num_fewshot,
-                      lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None)
+                      lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None,
+                      budget=budget)
     meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
             "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
-            "speed": speed_cfg.__dict__ if speed_cfg else None}
+            "speed": speed_cfg.__dict__ if speed_cfg else None, "budget": _budget_record(budget)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

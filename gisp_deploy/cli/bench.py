@@ -14,6 +14,9 @@ from rich.markup import escape
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
 from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, pass_reporter, progress_bar
+from .common import (budget_options, fit_batch_size_option, fit_memory_option, fit_params_option, fit_speedup_option,
+                     kv_cache_dtype_option, max_model_len_option, max_num_seqs_option, reserve_option,
+                     speed_table_option)
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -43,6 +46,11 @@ BENCH_EXAMPLES = """
   gisp-deploy bench llama3-gisp --sparsities 0.4 --speed --until-stable \\
       --tolerance 0.05
 
+  # the slice each artifact gives one 24 GiB GPU (8k x 4 tokens of KV
+  # cache), next to the dense model
+  gisp-deploy bench llama3-gisp llama3-kvgroup --fit-memory 24GiB \\
+      --max-model-len 8192 --max-num-seqs 4 --text heldout.txt.gz
+
 Writes OUT/results.json, OUT/report.md and OUT/perplexity.png,
 accuracy.png, speedup.png.
 """
@@ -50,8 +58,9 @@ accuracy.png, speedup.png.
 
 def bench(
     artifacts: List[Path] = typer.Argument(..., help="One or more artifact directories (e.g. one per method)."),
-    sparsities: str = typer.Option("0.2,0.3,0.4,0.5", help="Comma-separated sparsities; the dense model (0) "
-                                   "is always included."),
+    sparsities: Optional[str] = typer.Option(None, help="Comma-separated sparsities (default 0.2,0.3,0.4,0.5); "
+                                             "the dense model (0) is always included. Or a budget chooses one slice "
+                                             "per artifact: --fit-memory / --fit-params / --fit-speedup."),
     text: List[Path] = text_option(),
     task: List[Path] = task_option(),
     seq_lens: str = typer.Option("128,512", help="Context lengths of the perplexity windows."),
@@ -84,12 +93,26 @@ def bench(
     lm_eval_tasks: str = lm_eval_tasks_option(),
     lm_eval_limit: int = lm_eval_limit_option(),
     num_fewshot: Optional[int] = num_fewshot_option(),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    fit_batch_size: int = fit_batch_size_option(),
+    speed_table: Optional[Path] = speed_table_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
     from ..arguments import check_device, check_dtype, parse_ints, parse_sparsities, require_local
     from ..artifact import read_manifest
 
-    parse_sparsities(sparsities)  # everything a typo can break, before the heavy imports
+    if sparsities is not None:  # everything a typo can break, before the heavy imports
+        parse_sparsities(sparsities)
+    budget = budget_options(artifacts[0], sparsities, fit_memory=fit_memory, fit_params=fit_params,
+                            fit_speedup=fit_speedup, speed_table=speed_table, batch_size=fit_batch_size,
+                            max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+                            reserve=reserve) or {}
     parse_ints(seq_lens, "--seq-lens", minimum=2, example="128,512")
     parse_ints(batch_sizes, "--batch-sizes")
     check_dtype(dtype, auto=False)
@@ -114,7 +137,7 @@ def bench(
                                max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
                                progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m),
                                lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                               num_fewshot=num_fewshot)
+                               num_fewshot=num_fewshot, **budget)
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))

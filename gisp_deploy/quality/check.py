@@ -18,7 +18,8 @@ from ..artifact import load_artifact
 from ..data import token_stream
 from ..hf import load_model, load_tokenizer
 from ..plan import plan_slice
-from ..arguments import parse_sparsities
+from ..arguments import check_one_size, parse_sparsities
+from ..budget import budget_plan
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
 from .evaluate import perplexity
@@ -92,20 +93,29 @@ class CheckOptions:
         check_options(self.lm_eval_limit)
 
 
-def check(artifact, sparsities=(0.2, 0.4, 0.5), *, text=None, seq_len: int = 128, max_tokens: int = 16384,
+DEFAULT_SPARSITIES = (0.2, 0.4, 0.5)
+
+
+def check(artifact, sparsities=None, *, text=None, seq_len: int = 128, max_tokens: int = 16384,
           max_ppl_ratio: float | None = None, task=None, min_accuracy: float | None = None, tp_size: int = 1,
           channel_multiple: int = 1, atol: float = 1e-3, serve: bool = False,
           serve_timeout: float = SERVE_TIMEOUT_S, junit=None, json_report=None, progress=None, lm_eval_tasks=(),
-          lm_eval_limit: int | None = None, min_lm_eval_acc: float | None = None) -> Checker:
+          lm_eval_limit: int | None = None, min_lm_eval_acc: float | None = None, fit_memory=None, fit_params=None,
+          fit_speedup=None, fit_options: dict | None = None) -> Checker:
     """`gisp-deploy check` from Python: every check of `artifact` at `sparsities` (see Checker.results);
     `progress` sees each result as it is decided. `serve`: also compare vLLM's greedy tokens with the compact
     model's on every slice (needs vLLM). `lm_eval_tasks` (names or task YAML paths) run on every slice, and
     with `min_lm_eval_acc` each task's lm-eval `acc` is a gate. The JUnit / JSON reports are written whatever
-    happens."""
+    happens. A budget (fit_memory / fit_params / fit_speedup, fit_options: budget.fit's other keywords) instead
+    of sparsities checks the one slice it chooses (sparsities default to 0.2, 0.4, 0.5)."""
     if serve:  # before anything is loaded
         from ..serving.process import require_vllm
 
         require_vllm()
+    check_one_size(sparsities, fit_memory, fit_params, fit_speedup)
+    chosen = budget_plan(artifact, None, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                         fit_options=fit_options, tp_size=tp_size, channel_multiple=channel_multiple)
+    sparsities = [chosen.sparsity] if chosen else DEFAULT_SPARSITIES if sparsities is None else sparsities
     opts = CheckOptions(sparsities=tuple(sorted(parse_sparsities(sparsities))), text=text, seq_len=seq_len,
                         max_tokens=max_tokens, max_ppl_ratio=max_ppl_ratio, task=task, min_accuracy=min_accuracy,
                         tp_size=tp_size, channel_multiple=channel_multiple, atol=atol, serve=serve,

@@ -74,11 +74,11 @@ def _check_out(out: Path, art, overwrite: bool) -> None:
 def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePlan | None = None, tp_size: int = 1,
                  channel_multiple: int = 1, dtype="auto", overwrite: bool = False,
                  max_shard_size: str | int = MAX_SHARD_SIZE, verify: bool = True,
-                 expect_digest: str | None = None, fit_memory=None, fit_params=None,
+                 expect_digest: str | None = None, fit_memory=None, fit_params=None, fit_speedup=None,
                  fit_options: dict | None = None) -> dict:
     """Write the slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
-    `fit_memory` / `fit_params`: budget.fit, with `fit_options` its other keywords) to `out` as a Hugging Face
-    model directory (see the module docstring); returns a summary."""
+    `fit_memory` / `fit_params` / `fit_speedup`: budget.fit, with `fit_options` its other keywords) to `out` as
+    a Hugging Face model directory (see the module docstring); returns a summary."""
     out = Path(out)
     sweep_stale(out)  # what an export killed mid-way left next to `out`
     if out.exists() and not overwrite:  # before anything is loaded
@@ -86,8 +86,9 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
     art = artifact if hasattr(artifact, "ranking") else load_artifact(artifact, verify=verify,
                                                                       expect_digest=expect_digest)
     torch_dtype = export_dtype(dtype, art.config)
-    plan = plan or budget_plan(art, sparsity, fit_memory=fit_memory, fit_params=fit_params, fit_options=fit_options,
-                               dtype=torch_dtype, tp_size=tp_size, channel_multiple=channel_multiple)
+    plan = plan or budget_plan(art, sparsity, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                               fit_options=fit_options, dtype=torch_dtype, tp_size=tp_size,
+                               channel_multiple=channel_multiple)
     if plan is None:
         if sparsity is None:
             raise SparsityError("pass a sparsity (e.g. --sparsity 0.4) or a budget (--fit-memory 24GiB)")

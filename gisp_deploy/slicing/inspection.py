@@ -7,10 +7,13 @@ from pathlib import Path
 from ..plan import plan_slice
 
 
-def describe(art, sparsities) -> dict:
-    """The stable JSON description: manifest essentials plus, per sparsity, each layer's kept indices."""
+def describe(art, sparsities, tp_size: int = 1, channel_multiple: int = 1) -> dict:
+    """The stable JSON description: manifest essentials plus, per sparsity, each layer's kept indices (widths
+    rounded for deployment by tp_size / channel_multiple, as plan_slice does)."""
     m = art.manifest
-    slices = [{**plan.to_json(), **slice_size(art, plan)} for plan in (plan_slice(art.ranking, s) for s in sparsities)]
+    slices = [{**plan.to_json(), **slice_size(art, plan)}
+              for plan in (plan_slice(art.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
+                           for s in sparsities)]
     return {
         "format": f"{m['format']}/{m['format_version']}", "method": m.get("method"), "unit": art.ranking.unit,
         "objective": m.get("objective"), "coverage": round(art.ranking.coverage, 6),

@@ -110,18 +110,19 @@ def _tied_keys(model: nn.Module) -> list[str]:
 def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
          tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
          attn_implementation: str | None = None, gather: str = "auto", verify: bool = True,
-         expect_digest: str | None = None, fit_memory=None, fit_params=None,
+         expect_digest: str | None = None, fit_memory=None, fit_params=None, fit_speedup=None,
          fit_options: dict | None = None) -> nn.Module:
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
-    `fit_memory` / `fit_params`: budget.fit, with `fit_options` its other keywords) as a compact model;
-    `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
+    `fit_memory` / `fit_params` / `fit_speedup`: budget.fit, with `fit_options` its other keywords) as a compact
+    model; `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
     gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
     CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
     device = pick_device(str(device))  # "cuda" without a GPU: one clear error before any work, not pin_memory's
     if not hasattr(artifact, "ranking"):  # an Artifact object was verified when it was loaded
         artifact = load_artifact(artifact, verify=verify, expect_digest=expect_digest)
     plan = plan or budget_plan(artifact, sparsity, fit_memory=fit_memory, fit_params=fit_params,
-                               fit_options=fit_options, dtype=dtype, tp_size=tp_size, channel_multiple=channel_multiple)
+                               fit_speedup=fit_speedup, fit_options=fit_options, dtype=dtype, tp_size=tp_size,
+                               channel_multiple=channel_multiple)
     if plan is None:
         if sparsity is None:
             raise ValueError("pass a sparsity, a plan or a budget (fit_memory=, fit_params=)")

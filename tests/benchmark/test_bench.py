@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gisp_deploy.artifact import write_artifact
-from gisp_deploy.benchmark.bench import Bench, BenchConfig, weight_read_params
+from gisp_deploy.benchmark.bench import Bench, BenchConfig
+from gisp_deploy.budget import weight_read_params
 from gisp_deploy.benchmark.speed import SpeedConfig
 from gisp_deploy.data import token_stream
 from gisp_deploy.families import ModelShape
