@@ -21,7 +21,7 @@ from ..hf import pick_device
 from ..layout import kept, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
-from .weights import WeightReader
+from .weights import HostArena, WeightReader
 
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 
@@ -47,27 +47,42 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
                                 f"{tuple(meta.shape)}; the weights do not match the artifact's config")
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
 
+    if copy_mapped and not on_device:
+        _read_into_arena(reader, metas, layouts, head_dim, dtype, sd)
+        return sd
     pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
     held = 0
     for key in metas:
-        rows, cols = source_indices(key, layouts, head_dim)
         if not copy_mapped:
             finish(key, reader.source(key))
-        elif on_device:
-            src = reader.source(key)
-            pending.append((key, src, rows, cols))
-            held += src.numel() * src.element_size()
-            if held >= budget:
-                _gather_round(pending, finish)
-                held = 0
-        elif rows is not None:
-            finish(key, spread(reader.read(key, kept(rows)), rows, 0))
-        elif cols is not None:
-            finish(key, select(reader.read(key), cols, 1))
-        else:
-            finish(key, reader.read(key))
+            continue
+        rows, cols = source_indices(key, layouts, head_dim)
+        src = reader.source(key)
+        pending.append((key, src, rows, cols))
+        held += src.numel() * src.element_size()
+        if held >= budget:
+            _gather_round(pending, finish)
+            held = 0
     _gather_round(pending, finish)
     return sd
+
+
+def _read_into_arena(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict) -> None:
+    """CPU: every compact tensor read straight into one HostArena (kept rows / columns only, see
+    ShardFile.read_into), so peak memory is the compact model plus the reader's one staging buffer."""
+    want = {k: (tuple(m.shape), dtype if m.is_floating_point() else m.dtype) for k, m in metas.items()}
+    arena = HostArena(HostArena.size(want.values()))
+    for key, (shape, dt) in want.items():
+        rows, cols = source_indices(key, layouts, head_dim)
+        dim, pos = (1, cols) if cols is not None else (0, rows)
+        got = reader.shape(key)
+        if pos is not None and len(got) > dim:
+            got[dim] = len(pos)
+        if tuple(got) != shape:
+            raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(got)}, the slice needs "
+                                f"{shape}; the weights do not match the artifact's config")
+        sd[key] = arena.empty(shape, dt)
+        reader.read_into(key, sd[key], pos, dim)
 
 
 def _gather_round(pending: list, finish) -> None:

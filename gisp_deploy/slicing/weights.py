@@ -1,8 +1,11 @@
-"""The dense checkpoint read by tensor name over its shards: positioned reads on the CPU, safetensors on a device."""
+"""The dense checkpoint read by tensor name over its shards: positioned reads on the CPU, safetensors on a device;
+and the one block of host memory that a compact model is read into."""
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -10,7 +13,40 @@ import torch
 
 from ..artifact import INDEX_FILE, ArtifactError
 from ..integrity import inside
-from ..safetensors_file import ShardFile
+from ..safetensors_file import ShardFile, StagingBuffer
+
+ALIGN = 64  # bytes: every tensor of a HostArena starts on a cache line
+
+
+class HostArena:
+    """Host memory for a whole compact model: one anonymous mapping, advised for transparent huge pages, carved
+    into tensors. Fresh memory costs a page fault per page on first write; with 2 MiB pages instead of 4 KiB ones
+    filling 1.8 GB took 0.12 s instead of 0.65 s here, which is most of what reading a slice costs. Each tensor
+    keeps the mapping alive; it is unmapped when the last of them is freed."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.used = 0
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere (or THP off) small pages, same contents
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+
+    @staticmethod
+    def size(shapes_dtypes) -> int:
+        """Bytes an arena needs for tensors of these (shape, dtype)s."""
+        return sum(-(-math.prod(s) * d.itemsize // ALIGN) * ALIGN for s, d in shapes_dtypes)
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A zero-filled, contiguous tensor in the arena."""
+        n = math.prod(shape)
+        if n == 0:
+            return torch.zeros(shape, dtype=dtype)
+        nbytes = -(-n * dtype.itemsize // ALIGN) * ALIGN
+        if self.used + nbytes > self.nbytes:
+            raise ValueError(f"arena of {self.nbytes} bytes is full")
+        t = torch.frombuffer(self._map, dtype=dtype, count=n, offset=self.used).view(shape)
+        self.used += nbytes
+        return t
 
 class WeightReader:
     """Tensor name -> its safetensors file, over the artifact's weight files (sharded or not). `device="cpu"`
@@ -22,6 +58,7 @@ class WeightReader:
         self.links_may_leave = links_may_leave  # a --no-copy-weights source in the Hugging Face cache
         self._stack = ExitStack()
         self._handles: dict[tuple[str, str], object] = {}
+        self.staging = StagingBuffer()  # the one buffer staged reads share, over every shard
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
@@ -57,9 +94,13 @@ class WeightReader:
             raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
         return self.where[name]
 
-    def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
-        """A fresh CPU tensor of `name`, or of its `rows` only (positioned reads; nothing stays mapped)."""
-        return self._handle(self._file(name), "direct").read(name, rows)
+    def shape(self, name: str) -> list[int]:
+        return self._handle(self._file(name), "direct").shape(name)
+
+    def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0) -> None:
+        """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero), converting
+        to out's dtype (positioned reads through this reader's one staging buffer; nothing stays mapped)."""
+        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, self.staging)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
