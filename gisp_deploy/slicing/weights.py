@@ -1,12 +1,8 @@
-"""The dense checkpoint read by tensor name over its shards: positioned reads on the CPU, safetensors on a device;
-and the one block of host memory that a compact model is read into."""
+"""The dense checkpoint read by tensor name over its shards: positioned reads on the CPU, safetensors on a device."""
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,46 +11,6 @@ import torch
 from ..artifact import INDEX_FILE, ArtifactError
 from ..integrity import inside
 from ..safetensors_file import ShardFile, StagingBuffer
-
-ALIGN = 64  # bytes: every tensor of a HostArena starts on a cache line
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None)  # Linux >= 5.14
-
-
-class HostArena:
-    """Host memory for a whole compact model: one anonymous mapping, advised for transparent huge pages, carved
-    into tensors. Fresh memory costs a page fault per page on first write, most of what reading a slice costs:
-    here, with 2 MiB pages and populated in one call (MADV_POPULATE_WRITE), 1.8 GB took 0.3-0.9 s against
-    1.3-2.4 s faulted page by page in 4 KiB pages (bench/results/host_memory.json). Each tensor keeps the mapping
-    alive; it is unmapped when the last of them is freed."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self.used = 0
-        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere (or THP off) small pages, same contents
-            self._map.madvise(mmap.MADV_HUGEPAGE)
-        if MADV_POPULATE_WRITE is not None and nbytes:
-            try:
-                self._map.madvise(MADV_POPULATE_WRITE)  # every page faulted in now, in the kernel, in one call
-            except OSError:  # an older kernel: pages fault in on first write instead
-                pass
-
-    @staticmethod
-    def size(shapes_dtypes) -> int:
-        """Bytes an arena needs for tensors of these (shape, dtype)s."""
-        return sum(-(-math.prod(s) * d.itemsize // ALIGN) * ALIGN for s, d in shapes_dtypes)
-
-    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """A zero-filled, contiguous tensor in the arena."""
-        n = math.prod(shape)
-        if n == 0:
-            return torch.zeros(shape, dtype=dtype)
-        nbytes = -(-n * dtype.itemsize // ALIGN) * ALIGN
-        if self.used + nbytes > self.nbytes:
-            raise ValueError(f"arena of {self.nbytes} bytes is full")
-        t = torch.frombuffer(self._map, dtype=dtype, count=n, offset=self.used).view(shape)
-        self.used += nbytes
-        return t
 
 class WeightReader:
     """Tensor name -> its safetensors file, over the artifact's weight files (sharded or not). `device="cpu"`
