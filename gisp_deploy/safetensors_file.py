@@ -108,7 +108,8 @@ class StagingBuffer:
 
 class ShardFile:
     """One safetensors file read with positioned reads into given (or fresh) tensors: nothing stays mapped, and
-    no more than one staging buffer is held besides the destination. The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
+    no more than one staging buffer is held besides the destination (plus, when converting dtypes, one block's
+    gathered rows). The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -189,10 +190,14 @@ class ShardFile:
             block = self._stage(e, r0, n, row_bytes, staging, dtype)  # [n, C]
             local, d = src[i:j] - r0, dst[i:j]
             d0 = int(d[0])
-            if out.dtype == dtype and bool((d == torch.arange(d0, d0 + len(d))).all()):
-                take(block, local, 0, flat[d0:d0 + len(d)])  # no temporary
-            else:
+            if not bool((d == torch.arange(d0, d0 + len(d))).all()):  # padding rows in between
                 flat.index_copy_(0, d, block.index_select(0, local).to(out.dtype))
+            elif out.dtype == dtype:
+                take(block, local, 0, flat[d0:d0 + len(d)])  # no temporary
+            elif len(local) == n and bool((local == torch.arange(n)).all()):  # every staged row, once
+                flat[d0:d0 + n].copy_(block)  # converted in place, no temporary
+            else:
+                flat[d0:d0 + len(d)].copy_(block.index_select(0, local))
             i = j
 
     def _staged_cols(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
