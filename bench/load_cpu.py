@@ -185,7 +185,7 @@ def summarize(name: str, s: float, pairs: list[tuple[dict, dict]], staging_mb: f
 
 
 def main():
-    from gisp_deploy.safetensors_file import STAGING_BYTES
+    from gisp_deploy import safetensors_file
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load_cpu.json"))
@@ -201,7 +201,7 @@ def main():
     sparsities = [float(x) for x in args.sparsities.split(",")]
     known = {"reference": ("tiny-llama-gqa-19m (gisp)", lambda: Path(args.reference), "float32"),
              "random-1.5b": ("random Llama 1.5B (bf16)", lambda: make_random_checkpoint(work), "bfloat16")}
-    staging_mb = STAGING_BYTES / 2**20
+    staging_mb = getattr(safetensors_file, "STAGING_BYTES", 0) / 2**20  # 0: code before the staging buffer
     rows, summary = [], []
     for key in args.sources.split(","):
         name, where, dtype = known[key]
