@@ -1,19 +1,34 @@
-"""Load time and peak host memory of compact slices on CPU, against transformers loading the dense model.
+"""CPU load of compact slices against the dense model, and the issue-18 goal checked directly.
 
     python bench/load_cpu.py [--out bench/results/load_cpu.json] [--work /tmp/gisp-load-bench]
+        [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold]
 
-Two sources: the reference model's GISP artifact (bench/results/methods/artifact-gisp, made by
-bench/methods_table.py) and a locally written random-weight Llama checkpoint of about 1.5B parameters
-(bf16, 4 shards) with a random-method ranking. Every measurement runs in a fresh process; peak RSS is
-the process's VmHWM (reset right before loading) minus its RSS then, taken after one forward pass so
-that lazily memory-mapped weights are resident too (RssFile counts those mapped file pages). Files are
-read from a warm page cache.
+Two sources: the reference model's GISP artifact (--reference; bench/results/methods/artifact-gisp, made by
+bench/methods_table.py) and a locally written random-weight Llama checkpoint of about 1.5B parameters (bf16,
+4 shards, under --work) with a random-method ranking.
+
+Every load runs in a fresh process of its own (so peaks do not mix), and "ready" is load + one forward pass
+(lazily memory-mapped dense weights are read by that pass). Loads alternate: for each sparsity, each repeat, a
+dense load (transformers from_pretrained, memory-mapped) and then the slice (gisp_deploy.load), so each slice is
+compared with the dense load next to it in time:
+
+    dense bandwidth  = dense model bytes / dense ready time          (that pair's dense load)
+    kept-bytes time  = slice model bytes / dense bandwidth
+    ratio            = slice ready time / kept-bytes time             goal <= 1.1
+    peak anon        = peak RssAnon growth during the load (sampled every 2 ms by a thread in the child; VmHWM
+                       growth, file pages included, is its upper bound)     goal <= slice bytes + staging buffer
+
+Medians over repeats with min-max spreads; a warning where repeats of one measurement differ by more than 25%,
+and the machine's load average with every record. --cold drops the weight files from the page cache before
+every load (posix_fadvise DONTNEED: works without root, for files nobody has mapped); default warm cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
-import json, sys, time
+import json, sys, threading, time
 import torch
 from gisp_deploy.slicing.loader import load
 from gisp_deploy.artifact import load_artifact
@@ -33,25 +48,32 @@ def status_mb(field):
 mode, path, s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 dtype = getattr(torch, sys.argv[4])
 art = load_artifact(path)
-base = status_mb("VmRSS")
+ids = torch.zeros(1, 8, dtype=torch.long)
+base, base_anon = status_mb("VmRSS"), status_mb("RssAnon")
+peak_anon, done = [base_anon], threading.Event()
+def sample():  # RssAnon has no peak counter: poll it
+    while not done.wait(0.002):
+        peak_anon[0] = max(peak_anon[0], status_mb("RssAnon"))
+sampler = threading.Thread(target=sample, daemon=True)
 with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
     f.write("5")
+sampler.start()
 t = time.perf_counter()
 if mode == "dense":
     model = AutoModelForCausalLM.from_pretrained(art.weights_dir, dtype=dtype)
 else:
     model = load(art, s, dtype=dtype)
 wall = time.perf_counter() - t
-# lazily mmapped tensors count once touched: run one forward so every weight is resident, as in use
 with torch.no_grad():
-    model(torch.zeros(1, 8, dtype=torch.long))
+    model(ids)
 ready = time.perf_counter() - t
-params = sum(p.numel() for p in model.parameters())
+done.set(); sampler.join()
+peak_anon[0] = max(peak_anon[0], status_mb("RssAnon"))
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"wall_s": wall, "ready_s": ready, "peak_rss_mb": status_mb("VmHWM") - base,
-                  "rss_after_mb": status_mb("VmRSS") - base,
-                  "rss_anon_mb": status_mb("RssAnon"), "rss_file_mb": status_mb("RssFile"),
-                  "model_mb": nbytes / 2**20, "params": params}))
+print(json.dumps({"load_s": wall, "ready_s": ready, "forward_s": ready - wall,
+                  "peak_rss_growth_mb": status_mb("VmHWM") - base, "peak_anon_growth_mb": peak_anon[0] - base_anon,
+                  "rss_anon_after_mb": status_mb("RssAnon") - base_anon, "rss_file_after_mb": status_mb("RssFile"),
+                  "model_mb": nbytes / 2**20, "params": sum(p.numel() for p in model.parameters())}))
 """
 
 
@@ -104,36 +126,122 @@ def make_random_checkpoint(work: Path) -> Path:
     return art
 
 
-def probe(mode: str, art: Path, s: float, dtype: str) -> dict:
+def drop_cached(art: Path) -> None:
+    """Evict the artifact's weight files from the page cache (only pages nobody maps go)."""
+    from gisp_deploy.artifact import load_artifact
+
+    for f in Path(load_artifact(art, verify=False).weights_dir).glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def probe(mode: str, art: Path, s: float, dtype: str, cold: bool) -> dict:
+    if cold:
+        drop_cached(art)
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(art), str(s), dtype],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"probe {mode} {art} {s} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_1m": [load_before, os.getloadavg()[0]]}
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max, and whether repeats disagree by more than 25%."""
+    lo, hi = min(values), max(values)
+    return {"median": statistics.median(values), "min": lo, "max": hi, "n": len(values),
+            "disagree": lo > 0 and hi / lo > 1.25}
+
+
+def pair_record(dense: dict, sl: dict) -> dict:
+    """One dense load and the slice load after it: the goal's numbers of that pair."""
+    bw = dense["model_mb"] * 2**20 / dense["ready_s"]  # bytes / s of the dense path, this pair
+    kept_s = sl["model_mb"] * 2**20 / bw
+    return {"dense_bw_gb_s": bw / 1e9, "kept_bytes_s": kept_s, "ratio": sl["ready_s"] / kept_s,
+            "below_dense": sl["ready_s"] < dense["ready_s"]}
+
+
+def summarize(name: str, s: float, pairs: list[tuple[dict, dict]], staging_mb: float) -> dict:
+    recs = [pair_record(d, x) for d, x in pairs]
+    slices = [x for _, x in pairs]
+    model_mb = slices[0]["model_mb"]
+    anon = spread([x["peak_anon_growth_mb"] for x in slices])
+    ratio = spread([r["ratio"] for r in recs])
+    return {"source": name, "sparsity": s, "kept_mb": model_mb, "dense_mb": pairs[0][0]["model_mb"],
+            "dense_ready_s": spread([d["ready_s"] for d, _ in pairs]),
+            "dense_bw_gb_s": spread([r["dense_bw_gb_s"] for r in recs]),
+            "kept_bytes_s": spread([r["kept_bytes_s"] for r in recs]),
+            "ready_s": spread([x["ready_s"] for x in slices]), "load_s": spread([x["load_s"] for x in slices]),
+            "forward_s": spread([x["forward_s"] for x in slices]), "ratio": ratio,
+            "ratio_goal_met": ratio["median"] <= 1.1,
+            "below_dense_pairs": sum(r["below_dense"] for r in recs),
+            "peak_anon_growth_mb": anon,
+            "peak_rss_growth_mb": spread([x["peak_rss_growth_mb"] for x in slices]),
+            "anon_bound_mb": model_mb + staging_mb, "anon_goal_met": anon["max"] <= model_mb + staging_mb}
 
 
 def main():
+    from gisp_deploy import safetensors_file
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load_cpu.json"))
     ap.add_argument("--work", default="/tmp/gisp-load-bench")
     ap.add_argument("--reference", default=str(ROOT / "bench" / "results" / "methods" / "artifact-gisp"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sparsities", default="0.2,0.4,0.5")
+    ap.add_argument("--sources", default="reference,random-1.5b")
+    ap.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each load")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    sources = [("tiny-llama-gqa-19m (gisp)", Path(args.reference), "float32"),
-               ("random Llama 1.5B (bf16)", make_random_checkpoint(work), "bfloat16")]
-    rows = []
-    for name, art, dtype in sources:
-        probe("compact", art, 0.0, dtype)  # warm the page cache
-        for mode, s in [("dense", 0.0)] + [("compact", s) for s in (0.0, 0.2, 0.4, 0.5)]:
-            r = {"source": name, "loader": "transformers from_pretrained (dense)" if mode == "dense" else "gisp load",
-                 "sparsity": s, "dtype": dtype, **probe(mode, art, s, dtype)}
-            rows.append(r)
-            print(f"{name:26s} {r['loader']:37s} s={s:<4} load {r['wall_s']:6.2f} s, ready {r['ready_s']:6.2f} s, "
-                  f"peak +{r['peak_rss_mb']:7.1f} MB, after +{r['rss_after_mb']:7.1f} MB (anon {r['rss_anon_mb']:7.1f}, "
-                  f"file {r['rss_file_mb']:7.1f}), "
-                  f"model {r['model_mb']:7.1f} MB", flush=True)
-    Path(args.out).write_text(json.dumps({"command": "python bench/load_cpu.py", "results": rows}, indent=2))
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    known = {"reference": ("tiny-llama-gqa-19m (gisp)", lambda: Path(args.reference), "float32"),
+             "random-1.5b": ("random Llama 1.5B (bf16)", lambda: make_random_checkpoint(work), "bfloat16")}
+    staging_mb = getattr(safetensors_file, "STAGING_BYTES", 0) / 2**20  # 0: code before the staging buffer
+    rows, summary = [], []
+    for key in args.sources.split(","):
+        name, where, dtype = known[key]
+        art = where()
+        probe("compact", art, sparsities[0], dtype, False)  # warm the page cache (and the verification record)
+        probe("dense", art, 0.0, dtype, False)
+        mapped = probe("compact", art, 0.0, dtype, args.cold)  # sparsity 0: memory-mapped like the dense path
+        rows.append({"source": name, "loader": "gisp load (mapped)", "sparsity": 0.0, "dtype": dtype, **mapped})
+        for s in sparsities:
+            pairs = []
+            for rep in range(args.repeats):
+                d, x = probe("dense", art, 0.0, dtype, args.cold), probe("compact", art, s, dtype, args.cold)
+                pairs.append((d, x))
+                for loader, r in (("transformers from_pretrained (dense)", d), ("gisp load", x)):
+                    rows.append({"source": name, "loader": loader, "sparsity": 0.0 if r is d else s, "pair_of": s,
+                                 "repeat": rep, "dtype": dtype, **r})
+                rec = pair_record(d, x)
+                print(f"{name:26s} s={s:<4} #{rep}: dense ready {d['ready_s']:5.2f} s ({rec['dense_bw_gb_s']:5.2f} "
+                      f"GB/s), slice ready {x['ready_s']:5.2f} s (load {x['load_s']:5.2f}), kept-bytes time "
+                      f"{rec['kept_bytes_s']:5.2f} s, ratio {rec['ratio']:4.2f}, peak anon +"
+                      f"{x['peak_anon_growth_mb']:6.0f} MB (slice {x['model_mb']:6.0f} MB), load avg "
+                      f"{x['loadavg_1m'][1]:.1f}", flush=True)
+            summary.append(summarize(name, s, pairs, staging_mb))
+    cmd = "python bench/load_cpu.py " + " ".join(sys.argv[1:])
+    note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
+        f"; {os.cpu_count()} CPUs shared with other jobs (load average in every record); staging buffer " \
+        f"{staging_mb:.0f} MiB"
+    Path(args.out).write_text(json.dumps({"command": cmd, "note": note, "summary": summary, "results": rows},
+                                         indent=2))
+    print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | ratio "
+          "(goal <= 1.1) | peak anon MB (goal <= kept + staging) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in summary:
+        def f(m, digits=2):
+            return f"{m['median']:.{digits}f} ({m['min']:.{digits}f}-{m['max']:.{digits}f}){' !' if m['disagree'] else ''}"
+        print(f"| {r['source']} | {r['sparsity']} | {r['kept_mb']:.0f} | {f(r['dense_ready_s'])} | "
+              f"{f(r['dense_bw_gb_s'])} | {f(r['kept_bytes_s'])} | {f(r['ready_s'])} | {f(r['ratio'])} "
+              f"{'ok' if r['ratio_goal_met'] else 'MISSED'} | {f(r['peak_anon_growth_mb'], 0)} <= "
+              f"{r['anon_bound_mb']:.0f} {'ok' if r['anon_goal_met'] else 'MISSED'} |")
+    print("(median (min-max) over repeats; ! = repeats differ by more than 25%)")
 
 
 if __name__ == "__main__":

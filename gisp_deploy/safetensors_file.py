@@ -11,10 +11,10 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .integrity import ArtifactError
-from .layout import runs
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -71,9 +71,45 @@ def check_header(path: Path) -> None:
         os.close(fd)
 
 
+STAGING_BYTES = 64 << 20  # the one reused buffer that staged reads go through (grown only to hold one row)
+READ_CALL_BYTES = 32 << 10  # one read call costs about as much as copying 32 KiB (measured: 3.8 us per 4 KiB pread,
+#                             7.6 GB/s for 1 MiB ones): kept rows are read run by run only when runs are that long
+
+
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer dtype of each element size
+
+
+def take(block: torch.Tensor, index: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """out = block's entries at `index` (checked, in range) along `dim`, bit for bit. numpy's take on integer
+    views: single-threaded, so it never waits on a busy CPU's thread pool, and a column gather runs at 2-3 GB/s
+    here where torch.index_select manages 0.8 (bench/results/host_memory.json)."""
+    bits = BITS[block.element_size()]
+    np.take(block.view(bits).numpy(), index.numpy(), axis=dim, out=out.view(bits).numpy(), mode="clip")
+
+
+class StagingBuffer:
+    """One reusable byte buffer for reads that cannot land in their destination directly (kept columns, many
+    short row runs, a dtype conversion): allocated on first use, STAGING_BYTES, or one row if that is more."""
+
+    def __init__(self, nbytes: int = STAGING_BYTES):
+        self.nbytes = nbytes
+        self._buf: torch.Tensor | None = None
+
+    def rows(self, row_bytes: int) -> int:
+        """How many rows of `row_bytes` one block holds (at least one)."""
+        return max(1, self.nbytes // max(row_bytes, 1))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of the buffer: uint8, [nbytes]."""
+        if self._buf is None or self._buf.numel() < nbytes:
+            self._buf = torch.empty(max(nbytes, self.nbytes), dtype=torch.uint8)
+        return self._buf[:nbytes]
+
+
 class ShardFile:
-    """One safetensors file read with positioned reads into fresh tensors: only the requested bytes are read
-    and nothing stays mapped. The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
+    """One safetensors file read with positioned reads into given (or fresh) tensors: nothing stays mapped, and
+    no more than one staging buffer is held besides the destination (plus, when converting dtypes, one block's
+    gathered rows). The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -87,22 +123,101 @@ class ShardFile:
     def keys(self):
         return self.entries.keys()
 
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name]["shape"])
+
     def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
         """The tensor, or only its `rows` (dim 0, in the given order)."""
         e = self.entries[name]
-        shape, (a, b) = e["shape"], e["data_offsets"]
-        out = torch.empty(shape if rows is None else [len(rows), *shape[1:]], dtype=SAFETENSORS_DTYPES[e["dtype"]])
-        if rows is None:
-            self._fill(out, self.base + a)
-            return out
-        row_bytes = (b - a) // shape[0] if shape[0] else 0
-        pos = 0
-        for r0, r1 in runs(rows):
-            if not 0 <= r0 < r1 <= shape[0]:
-                raise IndexError(f"rows {r0}..{r1 - 1} of {name} (of {shape[0]})")
-            self._fill(out[pos:pos + r1 - r0], self.base + a + r0 * row_bytes)
-            pos += r1 - r0
+        shape = e["shape"] if rows is None else [len(rows), *e["shape"][1:]]
+        out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[e["dtype"]])
+        self.read_into(name, out, rows)
         return out
+
+    def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0,
+                  staging: StagingBuffer | None = None) -> None:
+        """Fill `out` (contiguous) with tensor `name`, or with its entries at `positions` along `dim` (0 rows,
+        1 columns of a matrix; -1 gives zeros), converted to out's dtype. Whole tensors and long runs of kept
+        rows are read straight into `out`; columns, short row runs and conversions go through `staging` one
+        block of rows at a time, and the kept entries are gathered from there."""
+        e = self.entries[name]
+        shape, dtype = list(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]]
+        want = list(shape)
+        if positions is not None:
+            if dim not in (0, 1) or len(shape) <= dim:
+                raise ValueError(f"{name}: cannot select along dim {dim} of a tensor of shape {shape}")
+            want[dim] = len(positions)
+        if list(out.shape) != want or not out.is_contiguous():
+            raise ValueError(f"{name}: a destination of shape {list(out.shape)} for {want}")
+        if out.numel() == 0:
+            return
+        rows_src = shape[0] if shape else 1
+        row_bytes = (e["data_offsets"][1] - e["data_offsets"][0]) // max(rows_src, 1)
+        pos = torch.arange(want[0] if shape else 1) if positions is None else torch.tensor(positions, dtype=torch.long)
+        if positions is not None and pos.numel() and not (-1 <= int(pos.min()) and int(pos.max()) < shape[dim]):
+            raise IndexError(f"positions {int(pos.min())}..{int(pos.max())} of {name} (of {shape[dim]} along "
+                             f"dim {dim})")
+        dst = torch.nonzero(pos >= 0).flatten()  # [K] destination index of each real position
+        src = pos[dst]  # [K] its source index along dim
+        if len(dst) < len(pos):
+            out.index_fill_(dim, torch.nonzero(pos < 0).flatten(), 0)
+        staging = staging or StagingBuffer(min(STAGING_BYTES, max(row_bytes, rows_src * row_bytes)))
+        if dim == 1:
+            self._staged_cols(e, out, src, dst, dtype, row_bytes, staging)
+        elif len(src):
+            self._read_rows(e, out, src, dst, dtype, row_bytes, staging)
+
+    def _read_rows(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
+        """Rows src[i] -> out rows dst[i]: straight into out run by run when runs are long, else staged."""
+        order = torch.argsort(src)
+        src, dst = src[order], dst[order]  # read the file front to back
+        brk = torch.nonzero((src[1:] != src[:-1] + 1) | (dst[1:] != dst[:-1] + 1)).flatten() + 1
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), brk]).tolist()
+        ends = [*starts[1:], len(src)]
+        covered = (int(src[-1]) - int(src[0]) + 1) * row_bytes
+        flat = out.view(out.shape[0] if out.dim() else 1, -1)  # [R_out, C]
+        if out.dtype == dtype and len(starts) * READ_CALL_BYTES <= covered:
+            for i, j in zip(starts, ends):
+                d0, s0 = int(dst[i]), int(src[i])
+                self._fill(flat[d0:d0 + j - i], self.base + e["data_offsets"][0] + s0 * row_bytes)
+            return
+        per = staging.rows(row_bytes)
+        i = 0
+        while i < len(src):  # a block from the next kept row on, as many rows as the staging buffer holds
+            r0 = int(src[i])
+            j = int(torch.searchsorted(src, r0 + per))
+            n = int(src[j - 1]) - r0 + 1  # up to the block's last kept row
+            block = self._stage(e, r0, n, row_bytes, staging, dtype)  # [n, C]
+            local, d = src[i:j] - r0, dst[i:j]
+            d0 = int(d[0])
+            if not bool((d == torch.arange(d0, d0 + len(d))).all()):  # padding rows in between
+                flat.index_copy_(0, d, block.index_select(0, local).to(out.dtype))
+            elif out.dtype == dtype:
+                take(block, local, 0, flat[d0:d0 + len(d)])  # no temporary
+            elif len(local) == n and bool((local == torch.arange(n)).all()):  # every staged row, once
+                flat[d0:d0 + n].copy_(block)  # converted in place, no temporary
+            else:
+                flat[d0:d0 + len(d)].copy_(block.index_select(0, local))
+            i = j
+
+    def _staged_cols(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
+        """Columns src[i] -> out columns dst[i] of every row, a block of rows at a time."""
+        rows = e["shape"][0]
+        direct = out.dtype == dtype and len(dst) == out.shape[1]  # no padding column, no conversion
+        per = staging.rows(row_bytes)
+        for r0 in range(0, rows, per):
+            n = min(per, rows - r0)
+            block = self._stage(e, r0, n, row_bytes, staging, dtype)  # [n, C_src]
+            if direct:
+                take(block, src, 1, out[r0:r0 + n])
+            elif len(src):
+                out[r0:r0 + n].index_copy_(1, dst, block.index_select(1, src).to(out.dtype))
+
+    def _stage(self, e, r0: int, n: int, row_bytes: int, staging: StagingBuffer, dtype) -> torch.Tensor:
+        """Rows r0..r0+n-1 of entry `e`, read into the staging buffer: [n, C] of the file's dtype."""
+        buf = staging.take(n * row_bytes)
+        self._fill(buf, self.base + e["data_offsets"][0] + r0 * row_bytes)
+        return buf.view(dtype).view(n, -1)
 
     def _fill(self, t: torch.Tensor, offset: int) -> None:
         view = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # t is contiguous: writes land in it

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from gisp_deploy.artifact import ArtifactError
-from gisp_deploy.safetensors_file import ShardFile, check_header
+from gisp_deploy import safetensors_file
+from gisp_deploy.safetensors_file import ShardFile, StagingBuffer, check_header
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -26,6 +27,64 @@ def test_shard_file_reads_rows_exactly(tmp_path, dtype):
             assert torch.equal(f.read("w", idx), w[t]) and torch.equal(f.read("b", idx), b[t])
         with pytest.raises(IndexError):
             f.read("w", [39, 40])
+
+
+def _expected(t: torch.Tensor, positions, dim: int, dtype) -> torch.Tensor:
+    """The oracle: torch indexing, -1 positions zero."""
+    idx = torch.tensor([max(p, 0) for p in positions], dtype=torch.long)
+    want = t.index_select(dim, idx).to(dtype)
+    holes = torch.tensor([i for i, p in enumerate(positions) if p < 0], dtype=torch.long)
+    return want.index_fill_(dim, holes, 0) if len(holes) else want
+
+
+@pytest.mark.parametrize("call_bytes", [0, 1 << 40])  # every row run read straight in / every row staged
+@pytest.mark.parametrize("staging_bytes", [1 << 20, 3 * 100 * 4, 1])  # roomy; a few rows per block; under one row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_read_into_gathers_rows_and_columns_exactly(tmp_path, dtype, staging_bytes, call_bytes, monkeypatch):
+    """Every way of reading kept rows / columns into a given tensor against torch indexing: empty, single
+    rows, all kept, runs read straight in and staged, unsorted, padding (-1), columns in and out of order,
+    a tensor larger than the staging buffer, and a conversion to another dtype."""
+    monkeypatch.setattr(safetensors_file, "READ_CALL_BYTES", call_bytes)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 100, generator=g).to(dtype)
+    big = torch.randn(300, 64, generator=g).to(dtype)  # runs of 100 rows: long enough to be read straight in
+    save_file({"w": w, "big": big, "b": w[:, 0].contiguous()}, str(tmp_path / "t.safetensors"))
+    scattered = sorted(torch.randperm(40, generator=g)[:17].tolist())
+    rows = {"w": [[], [5], [39], list(range(40)), scattered, [9, 3, 4, 5, 0], [3, -1, 4, -1, -1, 7], [-1, -1]],
+            "big": [list(range(300)), [*range(0, 100), -1, *range(150, 250)], list(range(299, -1, -1))],
+            "b": [[0], scattered, [-1, 2, 3], [0, 0, 2], [4, 4]]}  # repeats too
+    cols = {"w": [[], [7], list(range(100)), [1, 2, 3, 50, 51, 99], [99, 0, 50], [4, -1, 5, -1]],
+            "big": [list(range(1, 64, 2))]}
+    with ShardFile(tmp_path / "t.safetensors") as f:
+        for out_dtype in (dtype, torch.float32):
+            for dim, cases in ((0, rows), (1, cols)):
+                for name, position_lists in cases.items():
+                    src = {"w": w, "big": big, "b": w[:, 0]}[name]
+                    for pos in position_lists:
+                        shape = list(src.shape)
+                        shape[dim] = len(pos)
+                        out = torch.full(shape, 7.0, dtype=out_dtype)  # stale contents must not survive
+                        f.read_into(name, out, pos, dim, StagingBuffer(staging_bytes))
+                        want = _expected(src, pos, dim, out_dtype)
+                        assert torch.equal(out, want), (name, dim, pos, out_dtype)
+            whole = torch.empty(40, 100, dtype=out_dtype)
+            f.read_into("w", whole, staging=StagingBuffer(staging_bytes))
+            assert torch.equal(whole, w.to(out_dtype))
+
+
+def test_read_into_refuses_wrong_destinations_and_positions(tmp_path):
+    save_file({"w": torch.randn(8, 6)}, str(tmp_path / "t.safetensors"))
+    with ShardFile(tmp_path / "t.safetensors") as f:
+        with pytest.raises(ValueError, match="destination of shape"):
+            f.read_into("w", torch.empty(3, 6), [1, 2])
+        with pytest.raises(ValueError, match="destination of shape"):
+            f.read_into("w", torch.empty(6, 8).t(), None)  # not contiguous
+        with pytest.raises(IndexError, match="of w"):
+            f.read_into("w", torch.empty(2, 6), [1, 8])
+        with pytest.raises(IndexError, match="of w"):
+            f.read_into("w", torch.empty(8, 2), [-2, 0], dim=1)
+        with pytest.raises(ValueError, match="cannot select along dim 2"):
+            f.read_into("w", torch.empty(8, 6), [0], dim=2)
 
 
 def test_shard_file_refuses_truncated_and_foreign_files(tmp_path):

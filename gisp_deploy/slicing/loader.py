@@ -1,9 +1,10 @@
 """Load a slice of an artifact as a physically smaller transformers model.
 
 Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
-read with positioned reads: kept rows straight into the compact tensor (only their bytes are read), a tensor
-with kept columns whole and then selected, so peak memory is the compact model plus one dense tensor and no
-mapping of the checkpoint stays behind. On CUDA the dense tensors are read whole onto the device and gathered
+read with positioned reads into the compact tensors (safetensors_file.ShardFile.read_into): long runs of kept
+rows straight in, columns and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows
+at a time, gathered from there; so peak memory is the compact model plus that buffer, and no mapping of the
+checkpoint stays behind. On CUDA the dense tensors are read whole onto the device and gathered
 there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes (several layers) in one launch for
 rows and one for columns. A slice that keeps everything is memory-mapped, as transformers does.
 """
@@ -30,7 +31,7 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
                     copy_mapped: bool = True, on_device: bool = False, budget: int | None = None) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
-    CPU (default): positioned reads of the kept rows; tensors sliced by columns read whole, then selected.
+    CPU (default): positioned reads into the compact tensors (kept rows / columns, via one staging buffer).
     on_device: dense tensors read whole onto the reader's device, and every `budget` bytes of them gathered
     in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
     indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
@@ -47,27 +48,41 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
                                 f"{tuple(meta.shape)}; the weights do not match the artifact's config")
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
 
+    if copy_mapped and not on_device:
+        _read_positioned(reader, metas, layouts, head_dim, dtype, sd)
+        return sd
     pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
     held = 0
     for key in metas:
-        rows, cols = source_indices(key, layouts, head_dim)
         if not copy_mapped:
             finish(key, reader.source(key))
-        elif on_device:
-            src = reader.source(key)
-            pending.append((key, src, rows, cols))
-            held += src.numel() * src.element_size()
-            if held >= budget:
-                _gather_round(pending, finish)
-                held = 0
-        elif rows is not None:
-            finish(key, spread(reader.read(key, kept(rows)), rows, 0))
-        elif cols is not None:
-            finish(key, select(reader.read(key), cols, 1))
-        else:
-            finish(key, reader.read(key))
+            continue
+        rows, cols = source_indices(key, layouts, head_dim)
+        src = reader.source(key)
+        pending.append((key, src, rows, cols))
+        held += src.numel() * src.element_size()
+        if held >= budget:
+            _gather_round(pending, finish)
+            held = 0
     _gather_round(pending, finish)
     return sd
+
+
+def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict) -> None:
+    """CPU: every compact tensor read straight into its own fresh tensor (kept rows / columns only, see
+    ShardFile.read_into), so peak memory is the compact model plus the reader's one staging buffer."""
+    for key, meta in metas.items():
+        shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
+        rows, cols = source_indices(key, layouts, head_dim)
+        dim, pos = (1, cols) if cols is not None else (0, rows)
+        got = reader.shape(key)
+        if pos is not None and len(got) > dim:
+            got[dim] = len(pos)
+        if tuple(got) != shape:
+            raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(got)}, the slice needs "
+                                f"{shape}; the weights do not match the artifact's config")
+        sd[key] = torch.empty(shape, dtype=dt)
+        reader.read_into(key, sd[key], pos, dim)
 
 
 def _gather_round(pending: list, finish) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ..artifact import INDEX_FILE, ArtifactError
 from ..integrity import inside
-from ..safetensors_file import ShardFile
+from ..safetensors_file import ShardFile, StagingBuffer
 
 class WeightReader:
     """Tensor name -> its safetensors file, over the artifact's weight files (sharded or not). `device="cpu"`
@@ -22,6 +22,7 @@ class WeightReader:
         self.links_may_leave = links_may_leave  # a --no-copy-weights source in the Hugging Face cache
         self._stack = ExitStack()
         self._handles: dict[tuple[str, str], object] = {}
+        self.staging = StagingBuffer()  # the one buffer staged reads share, over every shard
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
@@ -57,9 +58,13 @@ class WeightReader:
             raise ArtifactError(f"{self.dir}: tensor {name!r} not found in the weights")
         return self.where[name]
 
-    def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
-        """A fresh CPU tensor of `name`, or of its `rows` only (positioned reads; nothing stays mapped)."""
-        return self._handle(self._file(name), "direct").read(name, rows)
+    def shape(self, name: str) -> list[int]:
+        return self._handle(self._file(name), "direct").shape(name)
+
+    def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0) -> None:
+        """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero), converting
+        to out's dtype (positioned reads through this reader's one staging buffer; nothing stays mapped)."""
+        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, self.staging)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
