@@ -25,6 +25,8 @@ Everything here is fp64 on the moments' device, Cholesky-solved; callers cast th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEFAULT_RIDGE = 1e-3  # relative to the gram's mean diagonal; see the module docstring
@@ -42,7 +44,7 @@ class Moments:
 
     @staticmethod
     def augment(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.float64)  # [N, in]
+        flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(torch.float64)  # [N, in]; in = 0: a layer with no input left
         return torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)  # [N, in + 1]
 
     def add(self, x: torch.Tensor, other: torch.Tensor | None = None) -> None:
