@@ -149,7 +149,8 @@ def check_one_size(sparsity, fit_memory, fit_params) -> None:
 # Load-time corrections of a slice (`--refit`): gisp_deploy/refit.py has the math, slicing/correction.py runs it.
 REFITS = {"none": "the plain slice: dense weights with structures cut out",
           "ls": "least squares from the dense model's o_proj / down_proj input moments",
-          "ec": "error-correcting: layer by layer, the dense output regressed on the corrected slice's inputs"}
+          "ec": "error-correcting: layer by layer, the dense output regressed on the corrected slice's inputs",
+          "ecr": "ec whose target also holds the residual stream's dense-minus-slice gap (undoes upstream error)"}
 
 
 def check_refit(name: str | None, flag: str = "--refit") -> str:

@@ -125,13 +125,15 @@ def least_squares(weight: torch.Tensor, kept, moments: torch.Tensor, bias: torch
 
 
 def error_correcting(weight: torch.Tensor, kept, cross_moments: torch.Tensor, gram: torch.Tensor,
-                     bias: torch.Tensor | None = None,
-                     ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE,
+                     residual_cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The "ec" refit: the dense output W x_dense regressed on the pruned model's kept inputs.
 
     weight [out, in], bias [out] | None: the dense layer; kept: K; cross_moments: E[x̃_dense x̃_Kᵀ]
     [in+1, k+1] (`Moments.add(x_dense, x_pruned[..., K])`); gram: E[x̃_K x̃_Kᵀ] [k+1, k+1] of the pruned
-    model's kept inputs. Returns (W'_K [out, k], b [out]) in fp64."""
+    model's kept inputs. residual_cross: E[(r_dense − r_pruned) x̃_Kᵀ] [out, k+1], the residual stream's
+    discrepancy where this layer adds to it ("ecr": the layer also absorbs the error that reached the residual
+    stream, so the residual after it matches the dense one). Returns (W'_K [out, k], b [out]) in fp64."""
     n_in = weight.shape[1]
     k1 = len(torch.as_tensor(kept).flatten()) + 1
     if cross_moments.shape != (n_in + 1, k1) or gram.shape != (k1, k1):
@@ -141,6 +143,8 @@ def error_correcting(weight: torch.Tensor, kept, cross_moments: torch.Tensor, gr
     w = weight.to(device=dev, dtype=torch.float64)  # [out, in]
     full = torch.cat([w, _bias_column(bias, w)], dim=1)  # [out, in+1]
     cross = full @ cross_moments.to(torch.float64)  # [out, k+1]: E[y_dense x̃_Kᵀ]
+    if residual_cross is not None:
+        cross = cross + residual_cross.to(device=dev, dtype=torch.float64)  # [out, k+1]
     prior = plain(w, with_bias(kept, n_in)[:-1].to(dev), None if bias is None else bias.to(dev))
     return solve(cross, gram, prior, ridge)
 

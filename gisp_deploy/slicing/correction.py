@@ -9,6 +9,8 @@ states and one layer's moments. Per layer the kept columns of o_proj and down_pr
 - ls: from the dense inputs' moments E[x̃ x̃ᵀ] alone; one dense pass per layer.
 - ec: the dense output regressed on the *slice's* inputs, the slice's earlier layers (and this layer's
   o_proj before its down_proj) already corrected: two dense and three compact passes per layer.
+- ecr: as ec, and the target also holds the residual stream's discrepancy where the layer adds to it
+  (dense minus slice, before attention / before the MLP): each layer undoes the error that reached it.
 
 Padding (dummy heads / channels, -1 in the layout) keeps zero columns; only real inputs are refitted.
 """
@@ -58,14 +60,14 @@ def consumer_inputs(lay, head_dim: int) -> dict[str, tuple[list[int], list[int]]
 def correct(model: nn.Module, reader, dense_config, layouts, windows, refit: str, ridge: float = DEFAULT_RIDGE,
             head_dim: int | None = None) -> None:
     """Refit o_proj / down_proj of every layer of the compact `model` in place (module docstring)."""
-    if refit not in ("ls", "ec"):
-        raise ValueError(f"refit={refit!r}: choose none, ls or ec")
+    if refit not in ("ls", "ec", "ecr"):
+        raise ValueError(f"refit={refit!r}: choose ls, ec or ecr")
     head_dim = head_dim or model.config.head_dim
     ids, mask = windows
     dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     stream = _Stream(model, ids.to(dev), mask.to(dev), dtype)
     dense_h = stream.embed()  # [N, T, H]
-    slice_h = dense_h.clone() if refit == "ec" else None
+    slice_h = None if refit == "ls" else dense_h.clone()
     for layer, lay in enumerate(layouts):
         dense = _dense_layer(reader, model, dense_config, layer, dev, dtype)
         compact = model.model.layers[layer]
@@ -80,8 +82,10 @@ def correct(model: nn.Module, reader, dense_config, layouts, windows, refit: str
             for proj in ("o_proj", "down_proj"):
                 w, b = _dense_params(dense, proj)
                 k, pos = inputs[proj]
-                cross, gram = stream.paired_moments(dense, compact, proj, dense_h, slice_h, k, pos)
-                _apply(compact, proj, pos, *error_correcting(w, k, cross, gram, bias=b, ridge=ridge))
+                cross, gram, residual = stream.paired_moments(dense, compact, proj, dense_h, slice_h, k, pos,
+                                                              residual=refit == "ecr")
+                _apply(compact, proj, pos, *error_correcting(w, k, cross, gram, bias=b, ridge=ridge,
+                                                             residual_cross=residual))
             stream.advance(dense, dense_h)
             stream.advance(compact, slice_h)
         del dense
@@ -165,14 +169,22 @@ class _Stream:
                 hk.remove()
         return {p: s.mean() for p, s in sums.items()}
 
-    def paired_moments(self, dense, compact, proj: str, dense_h, slice_h, kept: list[int], pos: list[int]):
-        """(E[x̃_dense x̃_Kᵀ] [in+1, k+1], E[x̃_K x̃_Kᵀ] [k+1, k+1]) of `proj`'s inputs, the slice's (x_K) at
-        its real positions `pos`; neither h advances."""
-        cross, gram = Moments(), Moments()
+    def paired_moments(self, dense, compact, proj: str, dense_h, slice_h, kept: list[int], pos: list[int],
+                       residual: bool = False):
+        """(E[x̃_dense x̃_Kᵀ] [in+1, k+1], E[x̃_K x̃_Kᵀ] [k+1, k+1], with `residual` E[(r_dense − r_slice) x̃_Kᵀ]
+        [H, k+1] else None) of `proj`'s inputs, the slice's (x_K) at its real positions `pos`; r: the residual
+        stream `proj` adds to (the layer's input for o_proj, the post-attention one for down_proj); neither h
+        advances."""
+        cross, gram, gap = Moments(), Moments(), Moments()
         seen: dict[str, torch.Tensor] = {}
         cols = torch.tensor(pos, dtype=torch.long, device=dense_h.device)
         hooks = [_consumer(dense, proj).register_forward_pre_hook(
             lambda _m, args: seen.__setitem__("dense", args[0][seen["mask"]]))]
+        if residual:  # the residual stream where proj's output joins it: what its norm reads
+            for name, block in (("r_dense", dense), ("r_slice", compact)):
+                norm = block.input_layernorm if proj == "o_proj" else block.post_attention_layernorm
+                hooks.append(norm.register_forward_pre_hook(
+                    lambda _m, args, name=name: seen.__setitem__(name, args[0][seen["mask"]])))
         target = _consumer(compact, proj)
         if hasattr(target, "weight"):  # a layer left without heads / channels has no input to see: x_K is empty
             hooks.append(target.register_forward_pre_hook(
@@ -187,7 +199,9 @@ class _Stream:
                 x_k = seen.get("slice", x_d[:, :0])  # [n, k]
                 cross.add(x_d, x_k)
                 gram.add(x_k)
+                if residual:
+                    gap.add(seen["r_dense"] - seen["r_slice"], x_k)
         finally:
             for hk in hooks:
                 hk.remove()
-        return cross.mean(), gram.mean()
+        return cross.mean(), gram.mean(), gap.mean()[:-1] if residual else None

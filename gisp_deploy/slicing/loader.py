@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..arguments import REFITS
 from ..artifact import ArtifactError, load_artifact
 from ..budget import budget_plan
 from ..hf import pick_device
@@ -139,8 +140,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
         raise ValueError("the plan was made for a model of another shape than the artifact's")
     if gather not in ("auto", "device"):
         raise ValueError(f"gather={gather!r}: choose auto or device")
-    if refit not in ("none", "ls", "ec"):
-        raise ValueError(f"refit={refit!r}: choose none, ls or ec")
+    if refit not in REFITS:
+        raise ValueError(f"refit={refit!r}: choose {', '.join(REFITS)}")
     windows = statistics_or_notice(artifact, refit)
     layouts = plan_layouts(plan)
     config = compact_config(artifact.config, plan, dtype)

@@ -69,7 +69,8 @@ def _set(lin: nn.Linear, kept: list[int], weight: torch.Tensor, bias: torch.Tens
 def corrected_oracle(dense: nn.Module, plan, ids: torch.Tensor, mask: torch.Tensor, refit: str,
                      ridge: float = DEFAULT_RIDGE) -> nn.Module:
     """A copy of `dense` with the plan's structures zeroed and o_proj / down_proj refitted ("ls" or "ec") on the
-    windows `ids` [N, T] (attention `mask` [N, T]); kept columns take the refit, removed ones stay zero."""
+    windows `ids` [N, T] (attention `mask` [N, T]); kept columns take the refit, removed ones stay zero.
+    ("ecr": as "ec", the target adding the residual stream's dense-minus-slice gap at each consumer.)"""
     model = copy.deepcopy(dense)
     apply_oracle(model, plan)
     if refit == "none":
@@ -94,7 +95,16 @@ def corrected_oracle(dense: nn.Module, plan, ids: torch.Tensor, mask: torch.Tens
                 cross, gram = Moments(), Moments()
                 cross.add(x_d, x_k)
                 gram.add(x_k)
-                w, b = error_correcting(lin.weight, kept[proj], cross.mean(), gram.mean(), bias=lin.bias, ridge=ridge)
+                gap = None
+                if refit == "ecr":  # the residual stream where this proj's output joins it, dense minus slice
+                    norm = "input_layernorm" if proj == "o_proj" else "post_attention_layernorm"
+                    r_d = _inputs(dense, getattr(dense.model.layers[layer], norm), ids, mask)
+                    r_p = _inputs(model, getattr(model.model.layers[layer], norm), ids, mask)
+                    m = Moments()
+                    m.add(r_d - r_p, x_k)
+                    gap = m.mean()[:-1]
+                w, b = error_correcting(lin.weight, kept[proj], cross.mean(), gram.mean(), bias=lin.bias, ridge=ridge,
+                                        residual_cross=gap)
             _set(target, kept[proj], w, b)
     return model
 

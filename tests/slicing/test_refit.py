@@ -39,7 +39,7 @@ def _oracle(src, plan, refit):
     return corrected_oracle(src.dense, plan, CALIB.input_ids, CALIB.attention_mask, refit)
 
 
-@pytest.mark.parametrize("refit", ["ls", "ec"])
+@pytest.mark.parametrize("refit", ["ls", "ec", "ecr"])
 @pytest.mark.parametrize("name,overrides", [("llama-gqa", {}), ("llama-mha", {}), ("mistral-gqa", {}),
                                             ("qwen2-gqa", {}), ("qwen3-gqa", {}),
                                             ("llama-gqa", {"attention_bias": True, "mlp_bias": True})])
@@ -95,7 +95,7 @@ def test_artifact_without_statistics_loads_plain_with_one_notice(sources, capfd)
     assert err.count("notice:") == 1 and "no calibration statistics" in err
     assert first.config.gisp_refit is None and second.config.gisp_refit is None
     assert_matches(first, src.oracle(plan), probe_ids(), generate=False)
-    with pytest.raises(ValueError, match="choose none, ls or ec"):
+    with pytest.raises(ValueError, match="choose none, ls, ec"):
         load(src.artifact, 0.4, refit="lsq")
 
 
