@@ -46,6 +46,7 @@ class BenchConfig:
     lm_eval_limit: int | None = None
     num_fewshot: int | None = None
     lm_eval_include_path: str | None = None
+    refit: str = "none"  # load-time correction of every slice (load(..., refit=)); --speed runs the same shapes
 
     def __post_init__(self):
         if 0.0 not in self.sparsities:
@@ -147,10 +148,13 @@ class Bench:
         summary = slice_summary(art.path, plan.sparsity, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple,
                                 dtype=cfg.serve_dtype, verify=False)  # `art` was verified when loaded
         t = time.perf_counter()
-        model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype)
+        refit = cfg.refit if plan.sparsity else "none"  # the dense model needs no correction
+        model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype, refit=refit)
         if str(cfg.device).startswith("cuda"):
             torch.cuda.synchronize()
-        size = {**ident, "measure": "size", "load_s": time.perf_counter() - t, "decoder_params": plan.kept_params,
+        size = {**ident, "measure": "size", "load_s": time.perf_counter() - t,
+                "refit": (getattr(model.config, "gisp_refit", None) or {}).get("name", "none"),
+                "decoder_params": plan.kept_params,
                 "dense_decoder_params": plan.shape.total_params, "parameters": summary.parameters,
                 "padding_parameters": summary.padding_parameters,
                 "weight_bytes": summary.parameters * dtype_bytes(cfg.serve_dtype), "serve_dtype": cfg.serve_dtype,
@@ -230,13 +234,15 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
           batch_sizes="1,16", prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, tolerance: float = 0.10,
           until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True,
           command: str = "bench", verify: bool = True, progress=None, log=print, lm_eval_tasks=(),
-          lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None):
+          lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None,
+          refit: str = "none"):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
     Returns (records, paths written). Sparsities, seq_lens, batch_sizes and lm_eval_tasks (lm-eval task names
     or task YAML paths): comma-separated or sequences; lm_eval_limit: the first N items of each lm-eval task.
     progress(description, total, unit) -> advance(n) is told of each perplexity and accuracy pass before it
-    starts (one per slice and text, in tokens, and per slice and task, in items)."""
+    starts (one per slice and text, in tokens, and per slice and task, in items). refit: every slice loaded with
+    that load-time correction (load(..., refit=)); size records say which was applied."""
     from ..hf import pick_device, pick_dtype
     from .report import environment, write_markdown, write_plots, write_results
 
@@ -260,7 +266,8 @@ def bench(artifacts, *, sparsities="0.2,0.3,0.4,0.5", texts=(), tasks=(), seq_le
                       channel_multiple=channel_multiple, speed=speed_cfg, verify=verify,
                       lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)), lm_eval_limit=lm_eval_limit or None,
                       num_fewshot=num_fewshot,
-                      lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None)
+                      lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None,
+                      refit=refit)
     meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
             "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
             "speed": speed_cfg.__dict__ if speed_cfg else None}

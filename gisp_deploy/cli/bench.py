@@ -14,6 +14,7 @@ from rich.markup import escape
 from .common import (batch_size_option, channel_multiple_option, device_option, dtype_option, max_tokens_option,
                      task_option, text_option, verify_option)
 from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, pass_reporter, progress_bar
+from .common import refit_option
 
 BENCH_EXAMPLES = """
 [bold]Examples[/]
@@ -27,6 +28,10 @@ BENCH_EXAMPLES = """
   # plots and report in ./cmp
   gisp-deploy bench llama3-gisp llama3-wanda llama3-random \\
       --text heldout.txt.gz --task heldout-task.margin.jsonl --out cmp
+
+  # the same slices with their load-time correction (error-correcting)
+  gisp-deploy bench llama3-gisp --sparsities 0.4,0.5 --refit ec \\
+      --text heldout.txt.gz --out cmp-ec
 
   # vLLM decode speed at batch 1 and 16 against the dense model, and the
   # ideal speed-up
@@ -84,9 +89,10 @@ def bench(
     lm_eval_tasks: str = lm_eval_tasks_option(),
     lm_eval_limit: int = lm_eval_limit_option(),
     num_fewshot: Optional[int] = num_fewshot_option(),
+    refit: str = refit_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
-    from ..arguments import check_device, check_dtype, parse_ints, parse_sparsities, require_local
+    from ..arguments import check_device, check_dtype, check_refit, parse_ints, parse_sparsities, require_local
     from ..artifact import read_manifest
 
     parse_sparsities(sparsities)  # everything a typo can break, before the heavy imports
@@ -95,6 +101,7 @@ def bench(
     check_dtype(dtype, auto=False)
     check_dtype(serve_dtype, "--serve-dtype", auto=False)
     check_device(device)
+    check_refit(refit)
     require_local(text, "--text")
     require_local(task, "--task")
     for a in artifacts:
@@ -114,7 +121,7 @@ def bench(
                                max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
                                progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m),
                                lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                               num_fewshot=num_fewshot)
+                               num_fewshot=num_fewshot, refit=refit)
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))
