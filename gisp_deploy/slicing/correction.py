@@ -27,6 +27,11 @@ from ..refit import DEFAULT_RIDGE, Moments, error_correcting, least_squares
 
 _NOTICED: set = set()
 BATCH = 16  # windows per pass: bounds the activations held beyond the hidden states
+# ls moments depend on the dense model and the windows only, not on the slice: those of the last artifact are
+# kept for its next slice (deploy many) when they are small (the reference model's: 76 MB); a 7B's (33 GB in
+# fp64) never are.
+CACHE_BYTES = 512 << 20
+_LS_CACHE: dict = {"key": None, "moments": {}}
 
 
 def statistics_or_notice(artifact, refit: str):
@@ -49,22 +54,31 @@ def refit_record(name: str, ridge: float, artifact) -> dict:
 
 @torch.no_grad()
 def correct(model: nn.Module, reader, dense_config, layouts, windows, refit: str, ridge: float = DEFAULT_RIDGE,
-            head_dim: int | None = None) -> None:
-    """Refit o_proj / down_proj of every layer of the compact `model` in place (module docstring)."""
+            head_dim: int | None = None, cache_key=None) -> None:
+    """Refit o_proj / down_proj of every layer of the compact `model` in place (module docstring). `cache_key`
+    (what pins the dense weights and windows, e.g. the artifact's digest) lets ls reuse the moments of the last
+    call with the same key when they fit CACHE_BYTES."""
     if refit not in ("ls", "ec", "ecr"):
         raise ValueError(f"refit={refit!r}: choose ls, ec or ecr")
     head_dim = head_dim or model.config.head_dim
     ids, mask = windows
     dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     stream = _Stream(model, ids.to(dev), mask.to(dev), dtype)
-    dense_h = stream.embed()  # [N, T, H]
+    key = (cache_key, str(dev), str(dtype))
+    cached = _LS_CACHE["moments"] if refit == "ls" and cache_key is not None and _LS_CACHE["key"] == key else None
+    dense_h = None if cached else stream.embed()  # [N, T, H]
     slice_h = None if refit == "ls" else dense_h.clone()
+    computed: dict | None = {} if cache_key is not None and not cached else None
     for layer, lay in enumerate(layouts):
         dense = _dense_layer(reader, model, dense_config, layer, dev, dtype)
         compact = model.model.layers[layer]
         inputs = consumer_inputs(lay, head_dim)
         if refit == "ls":
-            moments = stream.dense_moments(dense, dense_h)  # also advances dense_h
+            moments = cached[layer] if cached else stream.dense_moments(dense, dense_h)  # advances dense_h
+            if computed is not None:  # kept for the cache only while they fit it: a 7B's never are
+                computed[layer] = moments
+                if sum(m.numel() * m.element_size() for ms in computed.values() for m in ms.values()) > CACHE_BYTES:
+                    computed = None
             for proj in ("o_proj", "down_proj"):
                 w, b = _dense_params(dense, proj)
                 k, pos = inputs[proj]
@@ -80,6 +94,8 @@ def correct(model: nn.Module, reader, dense_config, layouts, windows, refit: str
             stream.advance(dense, dense_h)
             stream.advance(compact, slice_h)
         del dense
+    if refit == "ls" and cache_key is not None and not cached and computed is not None:
+        _LS_CACHE.update(key=key, moments=computed)
 
 
 def _dense_params(dense: nn.Module, proj: str):

@@ -171,7 +171,8 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
         dense_config = copy.deepcopy(artifact.config)
         dense_config._attn_implementation = model.config._attn_implementation
         with WeightReader(artifact.weights_dir, "cpu", links_may_leave=from_source) as reader:
-            correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim)
+            correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim,
+                    cache_key=artifact.digest)
     _load_generation_config(model, artifact.path)
     return model
 

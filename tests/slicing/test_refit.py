@@ -137,3 +137,15 @@ def test_export_writes_the_corrected_weights(calibrated, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert exported.model.layers[1].mlp.down_proj.bias is not None
     assert_matches(exported, load(src.artifact, 0.4, refit="ls"), probe_ids(), generate=False, atol=ATOL)
+
+
+def test_ls_moments_are_reused_for_the_next_slice_of_the_same_artifact(calibrated, monkeypatch):
+    from gisp_deploy.slicing import correction
+
+    src = calibrated("qwen3-gqa")
+    load(src.artifact, 0.2, refit="ls")  # fills the cache
+    calls = []
+    monkeypatch.setattr(correction._Stream, "dense_moments", lambda *a: calls.append(a))
+    model = load(src.artifact, 0.6, refit="ls")
+    assert not calls
+    assert_matches(model, _oracle(src, plan_slice(src.artifact.ranking, 0.6), "ls"), probe_ids(), generate=False)
