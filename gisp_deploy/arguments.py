@@ -156,3 +156,18 @@ def check_one_size(sparsity, *budgets) -> None:
     if sparsity is not None and any(b is not None for b in budgets):
         raise ValueError("a sparsity and a budget together: drop --sparsity to let --fit-memory / --fit-params / "
                          "--fit-speedup choose the slice, or drop the budget")
+
+
+# Load-time corrections of a slice (`--refit`): gisp_deploy/refit.py has the math, slicing/correction.py runs it.
+REFITS = {"none": "the plain slice: dense weights with structures cut out",
+          "ls": "least squares from the dense model's o_proj / down_proj input moments",
+          "ec": "error-correcting: layer by layer, the dense output regressed on the corrected slice's inputs",
+          "ecr": "ec whose target also holds the residual stream's dense-minus-slice gap (undoes upstream error)"}
+
+
+def check_refit(name: str | None, flag: str = "--refit") -> str:
+    if name is None:
+        return "none"
+    if name not in REFITS:
+        raise ValueError(f"{flag} {name!r}: choose {', '.join(REFITS)} (see --help)")
+    return name

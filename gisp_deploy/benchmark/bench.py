@@ -48,6 +48,7 @@ class BenchConfig:
     num_fewshot: int | None = None
     lm_eval_include_path: str | None = None
     budget: dict | None = None  # budget.budget_plan's keywords: each artifact's slice instead of `sparsities`
+    refit: str = "none"  # load-time correction of every slice (load(..., refit=)); --speed runs the same shapes
 
     def __post_init__(self):
         if 0.0 not in self.sparsities:
@@ -145,10 +146,13 @@ class Bench:
         summary = slice_summary(art.path, plan.sparsity, tp_size=cfg.tp_size, channel_multiple=cfg.channel_multiple,
                                 dtype=cfg.serve_dtype, verify=False)  # `art` was verified when loaded
         t = time.perf_counter()
-        model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype)
+        refit = cfg.refit if plan.sparsity else "none"  # the dense model needs no correction
+        model = load(art, plan=plan, device=cfg.device, dtype=cfg.dtype, refit=refit)
         if str(cfg.device).startswith("cuda"):
             torch.cuda.synchronize()
-        size = {**ident, "measure": "size", "load_s": time.perf_counter() - t, "decoder_params": plan.kept_params,
+        size = {**ident, "measure": "size", "load_s": time.perf_counter() - t,
+                "refit": (getattr(model.config, "gisp_refit", None) or {}).get("name", "none"),
+                "decoder_params": plan.kept_params,
                 "dense_decoder_params": plan.shape.total_params, "parameters": summary.parameters,
                 "padding_parameters": summary.padding_parameters,
                 "weight_bytes": summary.parameters * dtype_bytes(cfg.serve_dtype), "serve_dtype": cfg.serve_dtype,
@@ -240,7 +244,7 @@ def bench(artifacts, *, sparsities=None, texts=(), tasks=(), seq_lens="128,512",
           until_stable: bool = False, max_repeats: int = 12, eager: bool = False, out="gisp-bench", plots: bool = True,
           command: str = "bench", verify: bool = True, progress=None, log=print, lm_eval_tasks=(),
           lm_eval_limit: int | None = None, num_fewshot: int | None = None, lm_eval_include_path=None,
-          fit_memory=None, fit_params=None, fit_speedup=None, fit_options: dict | None = None):
+          fit_memory=None, fit_params=None, fit_speedup=None, fit_options: dict | None = None, refit: str = "none"):
     """`gisp-deploy bench` from Python: measure every slice of `artifacts`, write OUT/results.json, report.md
     and plots (results.json and report.md after every record, so an interruption keeps what was measured).
     Returns (records, paths written). Sparsities, seq_lens, batch_sizes and lm_eval_tasks (lm-eval task names
@@ -248,7 +252,8 @@ def bench(artifacts, *, sparsities=None, texts=(), tasks=(), seq_lens="128,512",
     progress(description, total, unit) -> advance(n) is told of each perplexity and accuracy pass before it
     starts (one per slice and text, in tokens, and per slice and task, in items). A budget (fit_memory /
     fit_params / fit_speedup, with fit_options: budget.fit's other keywords) instead of sparsities measures the
-    slice it chooses in each artifact, next to the dense model."""
+    slice it chooses in each artifact, next to the dense model. refit: every slice loaded with that load-time
+    correction (load(..., refit=)); size records say which was applied."""
     from ..arguments import check_one_size
     from ..hf import pick_device, pick_dtype
 
@@ -280,7 +285,7 @@ def bench(artifacts, *, sparsities=None, texts=(), tasks=(), seq_lens="128,512",
                       lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)), lm_eval_limit=lm_eval_limit or None,
                       num_fewshot=num_fewshot,
                       lm_eval_include_path=str(lm_eval_include_path) if lm_eval_include_path else None,
-                      budget=budget)
+                      budget=budget, refit=refit)
     meta = {"command": command, "environment": environment(), "device": str(dev), "quality_dtype": dtype,
             "serve_dtype": serve_dtype, "sparsities": list(cfg.sparsities),
             "speed": speed_cfg.__dict__ if speed_cfg else None, "budget": _budget_record(budget)}

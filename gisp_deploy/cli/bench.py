@@ -15,7 +15,7 @@ from .common import (batch_size_option, channel_multiple_option, device_option, 
                      task_option, text_option, verify_option)
 from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, pass_reporter, progress_bar
 from .common import (budget_options, fit_batch_size_option, fit_memory_option, fit_params_option, fit_speedup_option,
-                     kv_cache_dtype_option, max_model_len_option, max_num_seqs_option, reserve_option,
+                     kv_cache_dtype_option, max_model_len_option, max_num_seqs_option, refit_option, reserve_option,
                      speed_table_option)
 
 BENCH_EXAMPLES = """
@@ -30,6 +30,10 @@ BENCH_EXAMPLES = """
   # plots and report in ./cmp
   gisp-deploy bench llama3-gisp llama3-wanda llama3-random \\
       --text heldout.txt.gz --task heldout-task.margin.jsonl --out cmp
+
+  # the same slices with their load-time correction (error-correcting)
+  gisp-deploy bench llama3-gisp --sparsities 0.4,0.5 --refit ec \\
+      --text heldout.txt.gz --out cmp-ec
 
   # vLLM decode speed at batch 1 and 16 against the dense model, and the
   # ideal speed-up
@@ -102,9 +106,10 @@ def bench(
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
     reserve: str = reserve_option(),
+    refit: str = refit_option(),
 ):
     """Quality, size, load time and decode speed of every slice of one or more artifacts, side by side."""
-    from ..arguments import check_device, check_dtype, parse_ints, parse_sparsities, require_local
+    from ..arguments import check_device, check_dtype, check_refit, parse_ints, parse_sparsities, require_local
     from ..artifact import read_manifest
 
     if sparsities is not None:  # everything a typo can break, before the heavy imports
@@ -118,6 +123,7 @@ def bench(
     check_dtype(dtype, auto=False)
     check_dtype(serve_dtype, "--serve-dtype", auto=False)
     check_device(device)
+    check_refit(refit)
     require_local(text, "--text")
     require_local(task, "--task")
     for a in artifacts:
@@ -137,7 +143,7 @@ def bench(
                                max_repeats=max_repeats, eager=eager, out=out, plots=plots, command=command, verify=verify,
                                progress=pass_reporter(progress, keep=False), log=lambda m: progress.console.print(m),
                                lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                               num_fewshot=num_fewshot, **budget)
+                               num_fewshot=num_fewshot, refit=refit, **budget)
     if not records:
         return
     Console(width=None if sys.stdout.isatty() else 240).print(results_table(records))

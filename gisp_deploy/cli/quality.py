@@ -15,7 +15,7 @@ from rich.table import Table
 from .common import (alias_option, batch_size_option, channel_multiple_option, console, device_option, dtype_option,
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 from .common import pass_reporter
-from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option
+from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, refit_option
 from .common import (budget_options, budget_sparsity, fit_batch_size_option, fit_memory_option, fit_params_option,
                      fit_speedup_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
                      reserve_option, speed_table_option)
@@ -35,6 +35,9 @@ EVAL_EXAMPLES = """
       --lm-eval-tasks examples/lm-eval/persuasion_continuation.yaml
   # the slice that decodes 1.5x faster than dense, next to the dense model
   gisp-deploy eval llama3-gisp --fit-speedup 1.5 --text heldout.txt.gz
+  # slices corrected at load time, from the artifact's calibration windows
+  gisp-deploy eval llama3-gisp --sparsities 0.4,0.5 --refit ec \\
+      --text heldout/persuasion.txt.gz
 """
 
 
@@ -70,9 +73,11 @@ def eval_(
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
     reserve: str = reserve_option(),
+    refit: str = refit_option(),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact (and lm-eval tasks)."""
-    from ..arguments import check_device, check_dtype, check_max_tokens, parse_ints, parse_sparsities, require_local
+    from ..arguments import (check_device, check_dtype, check_max_tokens, check_refit, parse_ints, parse_sparsities,
+                             require_local)
     from ..artifact import read_manifest
 
     if not text and not task and not lm_eval_tasks:
@@ -87,6 +92,7 @@ def eval_(
     check_max_tokens(max_tokens, lens)
     check_dtype(dtype, auto=False)
     check_device(device)
+    check_refit(refit)
     if path not in ("compact", "oracle"):
         raise ValueError(f"--path {path!r}: choose compact or oracle")
     require_local(text, "--text")
@@ -116,7 +122,8 @@ def eval_(
                                   dtype=pick_dtype(dtype, dev), tp_size=tp_size, channel_multiple=channel_multiple,
                                   max_tokens=max_tokens or None, batch_size=batch_size,
                                   progress=pass_reporter(progress), tasks=[str(t) for t in task],
-                                  lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit or None, num_fewshot=num_fewshot)
+                                  lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit or None, num_fewshot=num_fewshot,
+                                  refit=refit)
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")
@@ -165,6 +172,10 @@ CHECK_EXAMPLES = """
   # the slice a 24 GiB GPU takes (8k x 4 tokens of KV cache), as deployed
   gisp-deploy check llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
       --max-num-seqs 4 --text heldout.txt --max-ppl-ratio 1.6
+
+  # corrected slices: each must match the dense model zeroed and then
+  # corrected the same way (from the artifact's calibration windows)
+  gisp-deploy check llama3-gisp --sparsities 0.4,0.5 --refit ec
 """
 
 
@@ -198,9 +209,10 @@ def check(
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
     reserve: str = reserve_option(),
+    refit: str = refit_option(),
 ):
     """Check an artifact and each deployed slice; exit 1 if any check fails."""
-    from ..arguments import parse_sparsities, require_local
+    from ..arguments import check_refit, parse_sparsities, require_local
     from ..artifact import read_manifest
 
     if sparsities is not None:  # what a typo can break, before the heavy imports
@@ -209,6 +221,7 @@ def check(
                             fit_speedup=fit_speedup, speed_table=speed_table, batch_size=fit_batch_size,
                             max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
                             reserve=reserve) or {}
+    check_refit(refit)
     require_local([p for p in (text, task) if p], "--text/--task")
     read_manifest(artifact)
 
@@ -222,7 +235,7 @@ def check(
                          min_accuracy=min_accuracy, tp_size=tp_size, channel_multiple=channel_multiple, serve=serve,
                          serve_timeout=serve_timeout, junit=junit, json_report=json_out, progress=show,
                          lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit or None,
-                         min_lm_eval_acc=min_lm_eval_acc, **budget)
+                         min_lm_eval_acc=min_lm_eval_acc, refit=refit, **budget)
     failed = [r for r in checker.results if not r.ok]
     console.print(f"{len(checker.results) - len(failed)} passed, {len(failed)} failed", soft_wrap=True)
     if failed:

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from .common import (console, expect_digest_option, fit_memory_option, fit_params_option, kv_cache_dtype_option,
-                     max_model_len_option, max_num_seqs_option, reserve_option, say, verify_option)
+                     max_model_len_option, max_num_seqs_option, refit_option, reserve_option, say, verify_option)
 
 SERVE_EXAMPLES = """
 [bold]Examples[/]
@@ -20,6 +20,10 @@ SERVE_EXAMPLES = """
   # two GPUs: widths rounded to split over 2 ranks, MLP to multiples of 128
   gisp-deploy serve llama3-gisp --sparsity 0.5 --tensor-parallel-size 2 \\
       --channel-multiple 128
+
+  # the 40% slice with its load-time correction (exported to a temporary
+  # directory first, then served: vLLM runs the corrected weights)
+  gisp-deploy serve llama3-gisp --sparsity 0.4 --refit ec
 
   # an exported slice; anything after -- goes to vLLM unchanged
   gisp-deploy serve llama3-gisp-0.4/ --port 8001 -- \\
@@ -66,25 +70,49 @@ def serve(
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
     reserve: str = reserve_option(),
+    refit: str = refit_option(),
 ):
     """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models).
     A budget (--fit-memory) chooses the slice and gives vLLM the settings it was planned for; --max-model-len,
     --max-num-seqs and --kv-cache-dtype go to vLLM, with or without a budget."""
-    from ..arguments import check_one_size
-    from .slices import check_budget
+    from ..arguments import check_one_size, check_refit
+    from .common import check_budget
 
     check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
-    memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
+    budget = check_budget(artifact, fit_memory, fit_params, None, None, 1, kv_cache_dtype, reserve)
     max_num_seqs, reserve = (None if ctx.get_parameter_source(name).name == "DEFAULT" else value  # not given
                              for name, value in (("max_num_seqs", max_num_seqs), ("reserve", reserve)))
+    kw = dict(host=host, port=port, tensor_parallel_size=tensor_parallel_size, channel_multiple=channel_multiple,
+              served_model_name=served_model_name, vllm_args=vllm_args, verify=verify, expect_digest=expect_digest,
+              max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
+    if check_refit(refit) != "none":
+        if sparsity is None:
+            raise ValueError("--refit corrects one slice of an artifact: pass --sparsity (with a budget, "
+                             "`gisp-deploy fit` prints the sparsity it chooses; an export is served as written)")
+        return _serve_corrected(artifact, sparsity, refit, **kw)
+    _serve(artifact, sparsity, fit_memory=budget["memory"], fit_params=budget["params"], reserve=reserve,
+           on_plan=show_plan(artifact), **kw)
 
+
+def _serve_corrected(artifact: Path, sparsity: float, refit: str, *, served_model_name, **kw) -> None:
+    """The corrected slice exported (gisp_deploy.export(..., refit=)) to a temporary directory, then served."""
+    import tempfile
+
+    from ..slicing.export import export_slice
+
+    with tempfile.TemporaryDirectory(prefix="gisp-refit-") as tmp:
+        out = Path(tmp) / f"{Path(artifact).name}-{sparsity:g}-{refit}"
+        export_slice(artifact, out, sparsity, tp_size=kw["tensor_parallel_size"], refit=refit,
+                     channel_multiple=kw["channel_multiple"], verify=kw["verify"], expect_digest=kw["expect_digest"])
+        say(f"corrected slice ({refit}) exported to {out} for serving")
+        _serve(out, None, served_model_name=served_model_name or f"{Path(artifact).name}@{sparsity:g}+{refit}",
+               **{**kw, "expect_digest": None})
+
+
+def _serve(artifact, sparsity, *, vllm_args, **kw) -> None:
     from ..serving.launch import serve as run
 
-    rc = run(artifact, sparsity, host=host, port=port, tensor_parallel_size=tensor_parallel_size,
-             channel_multiple=channel_multiple, served_model_name=served_model_name, vllm_args=vllm_args or (),
-             verify=verify, expect_digest=expect_digest, fit_memory=memory, fit_params=params,
-             max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
-             reserve=reserve, on_plan=show_plan(artifact), log=say)
+    rc = run(artifact, sparsity, vllm_args=vllm_args or (), log=say, **kw)
     if rc:
         console.print(f"[bold red]error:[/] the vLLM server exited with status {rc} (its log is above)")
         raise typer.Exit(rc if 0 < rc < 256 else 1)

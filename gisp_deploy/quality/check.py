@@ -21,7 +21,7 @@ from ..plan import plan_slice
 from ..arguments import check_one_size, parse_sparsities
 from ..budget import budget_plan
 from ..slicing.loader import load
-from ..slicing.oracle import OracleSlicer
+from ..slicing.oracle import OracleSlicer, corrected_oracle
 from .evaluate import perplexity
 from .lm_eval import check_options, prepare_tasks, run_lm_eval, split_tasks
 from .tasks import task_accuracy
@@ -82,8 +82,12 @@ class CheckOptions:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
     min_lm_eval_acc: float | None = None
+    refit: str = "none"
 
     def __post_init__(self):
+        if self.refit != "none" and self.serve:
+            raise ValueError("check --serve --refit is not supported yet: vLLM would serve the plain slice; check "
+                             "the export instead (gisp-deploy export --refit ..., then serve it)")
         if self.max_ppl_ratio is not None and self.text is None:
             raise ValueError("--max-ppl-ratio needs --text FILE to measure perplexity on")
         if self.min_accuracy is not None and self.task is None:
@@ -101,13 +105,15 @@ def check(artifact, sparsities=None, *, text=None, seq_len: int = 128, max_token
           channel_multiple: int = 1, atol: float = 1e-3, serve: bool = False,
           serve_timeout: float = SERVE_TIMEOUT_S, junit=None, json_report=None, progress=None, lm_eval_tasks=(),
           lm_eval_limit: int | None = None, min_lm_eval_acc: float | None = None, fit_memory=None, fit_params=None,
-          fit_speedup=None, fit_options: dict | None = None) -> Checker:
+          fit_speedup=None, fit_options: dict | None = None, refit: str = "none") -> Checker:
     """`gisp-deploy check` from Python: every check of `artifact` at `sparsities` (see Checker.results);
     `progress` sees each result as it is decided. `serve`: also compare vLLM's greedy tokens with the compact
     model's on every slice (needs vLLM). `lm_eval_tasks` (names or task YAML paths) run on every slice, and
     with `min_lm_eval_acc` each task's lm-eval `acc` is a gate. The JUnit / JSON reports are written whatever
     happens. A budget (fit_memory / fit_params / fit_speedup, fit_options: budget.fit's other keywords) instead
-    of sparsities checks the one slice it chooses (sparsities default to 0.2, 0.4, 0.5)."""
+    of sparsities checks the one slice it chooses (sparsities default to 0.2, 0.4, 0.5).
+    `refit`: each slice is loaded corrected and compared with the corrected oracle
+    (slicing.oracle.corrected_oracle, on the artifact's calibration windows)."""
     if serve:  # before anything is loaded
         from ..serving.process import require_vllm
 
@@ -120,7 +126,7 @@ def check(artifact, sparsities=None, *, text=None, seq_len: int = 128, max_token
                         max_tokens=max_tokens, max_ppl_ratio=max_ppl_ratio, task=task, min_accuracy=min_accuracy,
                         tp_size=tp_size, channel_multiple=channel_multiple, atol=atol, serve=serve,
                         serve_timeout=serve_timeout, lm_eval_tasks=tuple(split_tasks(lm_eval_tasks)),
-                        lm_eval_limit=lm_eval_limit, min_lm_eval_acc=min_lm_eval_acc)
+                        lm_eval_limit=lm_eval_limit, min_lm_eval_acc=min_lm_eval_acc, refit=refit)
     lm_eval = prepare_tasks(opts.lm_eval_tasks) if opts.lm_eval_tasks else None  # bad task names: an error, now
     checker = Checker(progress)
     try:
@@ -176,10 +182,10 @@ class ArtifactCheck:
 
     def _slice(self, art, s, plan, oracle, ids, stream, base_ppl, tok, prompts, served) -> None:
         c, opts = self.c, self.opts
-        model = c.run(f"s={s:g}: loads", _load, art, plan)
+        model = c.run(f"s={s:g}: loads", _load, art, plan, opts.refit)
         if model is None:
             return
-        c.run(f"s={s:g}: matches the oracle", _exact, model, oracle.apply(plan), ids, opts.atol)
+        c.run(f"s={s:g}: matches the oracle", _exact, model, _oracle(art, plan, oracle, model), ids, opts.atol)
         if base_ppl is not None:
             c.run(f"s={s:g}: perplexity within {opts.max_ppl_ratio:g}x dense", _ppl_ratio, model, stream,
                   opts.seq_len, base_ppl, opts.max_ppl_ratio)
@@ -244,9 +250,18 @@ def _tokenizer(path):
     return tok, f"{type(tok).__name__}, {len(tok):,} tokens"
 
 
-def _load(art, plan):
+def _oracle(art, plan, oracle: OracleSlicer, model):
+    """The oracle of what was loaded: the zeroed dense model, corrected as the slice says it was."""
+    applied = (getattr(model.config, "gisp_refit", None) or {}).get("name")
+    if not applied:
+        return oracle.apply(plan)
+    ids, mask = art.statistics()
+    return corrected_oracle(oracle.restore(), plan, ids, mask, applied, model.config.gisp_refit["ridge"])
+
+
+def _load(art, plan, refit="none"):
     t = time.perf_counter()
-    model = load(art, plan=plan)
+    model = load(art, plan=plan, refit=refit)
     return model, f"compact model in {time.perf_counter() - t:.2f} s"
 
 

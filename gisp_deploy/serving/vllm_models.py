@@ -16,6 +16,12 @@ Layers follow modeling.py's LayerLayout: uneven KV groups are padded with zero q
 o columns zero: exactly the same output), a layer without query heads has no attention module at all
 (hence no KV cache in vLLM, only o_proj's bias if the family has one), a layer without channels no MLP.
 
+A corrected slice (an export whose config has `gisp_refit`) has a bias on o_proj and down_proj that the family's
+vLLM modules may not hold (no bias option on Qwen3's attention or Qwen2's MLP; LlamaMLP's would add one to
+gate/up too): the layer keeps them itself (`refit_o_bias`, `refit_down_bias`, loaded from the checkpoint's
+`self_attn.o_proj.bias` / `mlp.down_proj.bias`) and adds them after the sub-block's output (after tensor-parallel
+reduction, once).
+
 The attention / MLP / norm modules are vLLM's own classes. The causal-LM and model classes are vLLM's
 LlamaForCausalLM / MistralForCausalLM (whose LlamaModel takes the decoder-layer class as an argument; the
 Qwen2/Qwen3 model classes don't, and assemble the same embed/layers/norm/lm_head modules under the same
@@ -25,6 +31,7 @@ Qwen2Attention derives its head size from hidden_size / num_heads, which a prune
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -152,6 +159,20 @@ class GispDecoderLayer(nn.Module):
             self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
         else:
             self.mlp = EmptyBlock("down_proj", hidden, mlp_bias)
+        corrected = bool(getattr(config, "gisp_refit", None))
+        if corrected and spec.q_heads and not o_bias:
+            self.refit_o_bias = nn.Parameter(torch.zeros(hidden), requires_grad=False)
+        if corrected and spec.intermediate and not mlp_bias:
+            self.refit_down_bias = nn.Parameter(torch.zeros(hidden), requires_grad=False)
+        if corrected and not spec.q_heads and not o_bias:
+            self.self_attn = EmptyBlock("o_proj", hidden, True)
+        if corrected and not spec.intermediate and not mlp_bias:
+            self.mlp = EmptyBlock("down_proj", hidden, True)
+
+    def _attention(self, positions, hidden_states):
+        out = self.self_attn(positions=positions, hidden_states=hidden_states)
+        bias = getattr(self, "refit_o_bias", None)
+        return out if bias is None else out + bias
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **_) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,14 +181,14 @@ class GispDecoderLayer(nn.Module):
                 residual, hidden_states = hidden_states, torch.zeros_like(hidden_states)
             else:
                 residual = hidden_states
-                hidden_states = self.self_attn(positions=positions, hidden_states=self.input_layernorm(hidden_states))
+                hidden_states = self._attention(positions, self.input_layernorm(hidden_states))
                 return self._mlp(hidden_states, residual)
         if isinstance(self.self_attn, EmptyBlock):
             if self.self_attn.bias is not None:
                 hidden_states = hidden_states + self.self_attn.bias
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-            hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+            hidden_states = self._attention(positions, hidden_states)
         return self._mlp(hidden_states, residual)
 
     def _mlp(self, hidden_states, residual):
@@ -176,7 +197,9 @@ class GispDecoderLayer(nn.Module):
                 hidden_states = hidden_states + self.mlp.bias
             return hidden_states, residual
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        out = self.mlp(hidden_states)
+        bias = getattr(self, "refit_down_bias", None)
+        return (out if bias is None else out + bias), residual
 
 
 class _GispCausalLM:
@@ -192,7 +215,24 @@ class _GispCausalLM:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=self.layer_class)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(slice_weights(self.gisp_slice, weights))
+        own: set[str] = set()
+        loaded = super().load_weights(self._correction_biases(slice_weights(self.gisp_slice, weights), own))
+        return loaded | own
+
+    def _correction_biases(self, weights, own: set):
+        """A corrected slice's o_proj / down_proj biases into the layers' own parameters; the rest passes on."""
+        params = dict(self.named_parameters())
+        for name, t in weights:
+            m = _CORRECTION_BIAS.match(name)
+            mine = m and f"model.layers.{m.group(1)}.refit_{m.group(2)}_bias"
+            if mine and mine in params:
+                params[mine].data.copy_(t.to(params[mine].dtype))
+                own.add(mine)
+                continue
+            yield name, t
+
+
+_CORRECTION_BIAS = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(o|down)_proj\.bias$")
 
 
 def _layer(family: str) -> type:

@@ -8,7 +8,7 @@ import pytest
 from gisp_deploy.artifact import write_artifact
 from gisp_deploy.families import ModelShape
 from gisp_deploy.pruning.methods import PruneConfig, prune
-from tests.factory import CHAT_TEMPLATE, VLLM_MODELS, VLLM_SHAPE, Server, make_model_dir
+from tests.factory import CHAT_TEMPLATE, VLLM_MODELS, VLLM_SHAPE, Server, calibration_windows, make_model_dir
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: start in ~2 s, not ~19 s
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # TP=2 on one NUMA node of 2 CPUs
@@ -16,12 +16,13 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # TP=2 on one NUMA
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """get(name, unit, copy_weights=True) -> artifact path (random ranking, every layer prunable, to 0.7)."""
+    """get(name, unit, copy_weights=True, calibrated=False) -> artifact path (random ranking, every layer prunable,
+    to 0.7; `calibrated`: with calibration windows, for corrected slices)."""
     root = tmp_path_factory.mktemp("vllm-models")
     made = {}
 
-    def get(name, unit="q_head", copy_weights=True):
-        key = (name, unit, copy_weights)
+    def get(name, unit="q_head", copy_weights=True, calibrated=False):
+        key = (name, unit, copy_weights, calibrated)
         if key not in made:
             family, overrides = VLLM_MODELS[name]
             model_dir = root / name / family
@@ -33,8 +34,9 @@ def artifacts(tmp_path_factory):
             shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
             ranking = prune(None, shape, None, PruneConfig(method="random", unit=unit, max_sparsity=0.7,
                                                            protect_first=0, protect_last=0))
-            out = root / f"{name}-{unit}{'' if copy_weights else '-ref'}"
-            made[key] = write_artifact(out, model_dir, ranking, {"method": "random"}, copy_weights=copy_weights)
+            out = root / f"{name}-{unit}{'' if copy_weights else '-ref'}{'-calibrated' if calibrated else ''}"
+            made[key] = write_artifact(out, model_dir, ranking, {"method": "random"}, copy_weights=copy_weights,
+                                       calibration=calibration_windows(length=32) if calibrated else None)
         return made[key]
     return get
 

@@ -152,6 +152,27 @@ def test_exported_slice_with_empty_layers_and_uneven_groups(artifacts, tmp_path,
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.parametrize("name,refit", [("qwen3-gqa", "ec"), ("llama-bias", "ls")])
+def test_corrected_export_serves_the_corrected_model(artifacts, tmp_path, name, refit):
+    """A corrected slice (refitted o_proj / down_proj with biases the family's vLLM modules may lack) gives the
+    corrected compact model's greedy tokens; layers without attention or MLP keep their correction bias."""
+    from gisp_deploy.slicing.export import export_slice
+
+    art = load_artifact(artifacts(name, calibrated=True))
+    plan = mixed_plan(art.shape)
+    out = tmp_path / "export"
+    export_slice(art, out, plan=plan, refit=refit)
+    model = load(art, plan=plan, refit=refit)
+    assert model.config.gisp_refit["name"] == refit
+    assert float(model.model.layers[0].mlp.down_proj.bias.abs().max()) > 0  # an MLP-less layer's correction
+    with engine(out) as llm:
+        assert_same_greedy(llm, model)
+    plain, _ = hf_greedy(load(art, plan=plan), PROMPTS[2])
+    assert plain != hf_greedy(model, PROMPTS[2])[0]  # the correction changes what is served
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_tensor_parallel_2(artifacts):
     """Two ranks: per-layer widths rounded to split over them (KV heads replicated where one is left)."""
     path = artifacts("llama-gqa")

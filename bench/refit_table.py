@@ -1,0 +1,109 @@
+"""Held-out perplexity of plain vs corrected slices (load(..., refit=)) on the reference model.
+
+    python bench/refit_table.py ARTIFACT [ARTIFACT ...] [--refits none,ls,ec,ecr] [--sparsities 0.2,0.3,0.4,0.5]
+        [--max-tokens 65536] [--out bench/results/refit]
+
+For each artifact, sparsity and correction, the slice is loaded (its correction solved from the artifact's
+calibration windows; `load_s` is that load, on this machine's CPU) and evaluated on both held-out texts at
+128-token windows (the first --max-tokens tokens), exactly as
+`gisp-deploy eval ARTIFACT --sparsities S --refit R --text T --seq-lens 128 --max-tokens N --json` does
+(same function, gisp_deploy.quality.evaluate.evaluate_slices, in one process so the model code is imported once).
+Writes OUT/results.json (records, command, environment) and OUT/table.md after every slice, so an interrupted
+run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TEXTS = [SHARED / "data" / "heldout" / "persuasion.txt.gz", SHARED / "data" / "heldout" / "treasury_of_david_tail.txt.gz"]
+
+
+def table(records: list[dict], sparsities: list[float], refits: list[str]) -> str:
+    """One row per (artifact, correction): perplexity per text and sparsity, and the change against plain."""
+    texts = sorted({r["text"] for r in records})
+    head = "| artifact | refit | " + " | ".join(f"{t.split('.')[0][:10]} {s:g}" for t in texts for s in sparsities) + " |"
+    lines = [head, "|---" * (2 + len(texts) * len(sparsities)) + "|"]
+    ppl = {(r["name"], r["refit_asked"], r["sparsity"], r["text"]): r["perplexity"] for r in records}
+    for name in dict.fromkeys(r["name"] for r in records):
+        for refit in refits:
+            cells = []
+            for t in texts:
+                for s in sparsities:
+                    v, base = ppl.get((name, refit, s, t)), ppl.get((name, "none", s, t))
+                    if v is None:
+                        cells.append("")
+                    elif refit == "none" or base is None:
+                        cells.append(f"{v:.1f}")
+                    else:
+                        cells.append(f"{v:.1f} ({100 * (v / base - 1):+.1f}%)")
+            lines.append(f"| {name} | {refit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--refits", default="none,ls,ec,ecr")
+    ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
+    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--ridge", type=float, default=None, help="relative ridge (default: refit.DEFAULT_RIDGE)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "refit"))
+    args = ap.parse_args()
+    import torch
+
+    from gisp_deploy.artifact import load_artifact
+    from gisp_deploy.hf import load_tokenizer
+    from gisp_deploy.quality.evaluate import evaluate_slices
+    from gisp_deploy.refit import DEFAULT_RIDGE
+
+    torch.set_num_threads(args.threads)
+    ridge = DEFAULT_RIDGE if args.ridge is None else args.ridge
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    refits = args.refits.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "bench/refit_table.py", *sys.argv[1:]])
+    meta = {"command": command, "ridge": ridge, "max_tokens": args.max_tokens, "seq_len": 128,
+            "texts": [str(t) for t in TEXTS], "torch_threads": args.threads, "python": platform.python_version(),
+            "torch": torch.__version__}
+    records: list[dict] = []
+    for path in args.artifacts:
+        art = load_artifact(path)
+        tok = load_tokenizer(art.path)
+        for s in sparsities:
+            for refit in refits:
+                t = time.perf_counter()
+                recs = evaluate_slices(art, tok, [s], [str(x) for x in TEXTS], (128,), max_tokens=args.max_tokens,
+                                       refit=refit)
+                wall = time.perf_counter() - t
+                for r in recs:
+                    r.update(refit_asked=refit, slice_and_eval_s=round(wall, 1),
+                             eval_command=shlex.join(["gisp-deploy", "eval", str(path), "--sparsities", f"{s:g}",
+                                                      "--refit", refit, *sum((["--text", str(x)] for x in TEXTS), []),
+                                                      "--seq-lens", "128", "--max-tokens", str(args.max_tokens),
+                                                      "--json"]))
+                records += recs
+                print(json.dumps({"artifact": art.path.name, "s": s, "refit": refit,
+                                  "ppl": [round(r["perplexity"], 2) for r in recs], "s_wall": round(wall, 1)}),
+                      flush=True)
+                (out / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
+                (out / "table.md").write_text(
+                    f"Held-out perplexity, 128-token windows, first {args.max_tokens:,} tokens of each text, fp32, CPU; "
+                    f"corrections with ridge {ridge:g} (relative); in parentheses: change against the plain slice.\n\n"
+                    + table(records, sparsities, refits) + f"\n\nCommand:\n\n    {command}\n\n"
+                    "Each cell is what `gisp-deploy eval ARTIFACT --sparsities S --refit R --text "
+                    "TEXT --seq-lens 128 --max-tokens N --json` measures (results.json has each record's command).\n")
+
+
+if __name__ == "__main__":
+    main()
