@@ -229,7 +229,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
-            if "serving" in self.output() and http_status(f"{self.base}/health") == 200:
+            if "\nserving '" in self.output() and http_status(f"{self.base}/health") == 200:  # serve's line, not vLLM's
                 return
             time.sleep(0.5)
         raise AssertionError(f"server not ready after {timeout} s:\n{self.output()[-4000:]}")
