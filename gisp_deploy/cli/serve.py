@@ -128,5 +128,5 @@ def show_plan(artifact):
         out = Console(stderr=True, width=None if sys.stderr.isatty() else 240)  # a log file: not cut to 80 columns
         for line in fit_lines(artifact, result):
             out.print(line, soft_wrap=True, highlight=False)
-        out.print(candidates_table(result))
+        out.print(candidates_table(result, out))
     return show
