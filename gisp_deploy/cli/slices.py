@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -266,7 +267,8 @@ def fit(
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), **result.to_json()}) + "\n")
         return
-    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: not cut to 80 columns
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    out = Console(width=160 if piped else None)  # piped: not cut to 80 columns; else the terminal's width
     for line in fit_lines(artifact, result):
         out.print(line, soft_wrap=True, highlight=False)
     out.print(candidates_table(result, out))
@@ -306,15 +308,19 @@ def fit_lines(artifact, result) -> list[str]:
     return lines
 
 
-OPTIONAL_COLUMNS = ("achieved", "KV saved", "parameters", "total")  # the first gives way first when narrow
+# columns that give way on a narrow terminal, the first first, unless the budget is about them
+OPTIONAL_COLUMNS = ("achieved", "KV saved", "ppl", "ideal", "measured", "parameters", "total", "KV cache", "weights")
 
 
 def candidates_table(result, out: Console) -> Table:
     """The dense model, round sparsities next to the choice, the choice and the next larger slice, in as few
-    optional columns as it takes to fit `out`'s width."""
-    for n in range(len(OPTIONAL_COLUMNS) + 1):
-        t = candidates_rows(result, drop=OPTIONAL_COLUMNS[:n])
-        if out.measure(t).maximum <= out.width:
+    optional columns as it takes to fit `out`'s width (a column the budget is about stays)."""
+    st = result.settings
+    needed = {"ideal": st["speedup"], "measured": st["speedup"], "parameters": st["params"], "total": st["memory"]}
+    optional = [c for c in OPTIONAL_COLUMNS if needed.get(c) is None]
+    for n in range(len(optional) + 1):
+        t = candidates_rows(result, drop=optional[:n])
+        if out.measure(t, options=out.options.update_width(10_000)).maximum <= out.width:  # unwrapped width
             break
     return t
 
@@ -335,7 +341,7 @@ def candidates_rows(result, drop=()) -> Table:
             margins.append((left, size(abs(left)), "over"))
         if st["params"] is not None:
             left = st["params"] - c.parameters
-            margins.append((left, count(abs(left)) + " parameters", "over"))
+            margins.append((left, count(abs(left)), "over"))  # a count: parameters, beside sizes in MiB
         if st["speedup"] is not None:
             fast = cand.measured_speedup if measured else cand.ideal_speedup
             left = -math.inf if fast is None else fast - st["speedup"]
@@ -346,16 +352,17 @@ def candidates_rows(result, drop=()) -> Table:
         row = {"sparsity": f"{c.sparsity:g}", "achieved": f"{c.achieved_sparsity:.4f}", "parameters": count(c.parameters),
                "weights": size(c.weight_bytes), "KV cache": size(c.kv_bytes),
                "KV saved": f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", "total": size(c.memory + st["reserve_bytes"]),
-               "ideal": f"{cand.ideal_speedup:.2f}x"}
+               "ideal": f"{cand.ideal_speedup:.3f}x"}
         if measured:
-            row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.2f}x"
+            row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.3f}x"
         if ppl_key:
-            row[f"ppl {ppl_key}"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
+            row["ppl"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
         row["fits"] = verdict
         row[""] = f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role
         for k, v in row.items():
             cells.setdefault(k, []).append(v)
-    t = Table(title="candidates (memory per GPU; total: with the reserve; speed-up over dense)")
+    t = Table(title="candidates (memory per GPU; total: with the reserve; speed-up over dense"
+                    + (f"; ppl: held-out perplexity, {ppl_key.replace('@', ' at ')} tokens" if ppl_key else "") + ")")
     columns = [k for k in cells if k not in drop]
     for col in columns:
         t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
