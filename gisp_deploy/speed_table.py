@@ -80,6 +80,8 @@ def read_speed_table(path, batch_size: int, artifact_path=None) -> SpeedTable:
     when the file measured several. Bad files are refused in one line that names the problem and the fix."""
     path = Path(path)
     fix = f"pass the results.json that `gisp-deploy bench ARTIFACT --speed --batch-sizes {batch_size}` wrote"
+    if not path.is_file():
+        raise ValueError(f"--speed-table {path}: no such file; {fix}")
     try:
         if path.stat().st_size > MAX_TABLE_BYTES:
             raise ValueError(f"--speed-table {path}: larger than {MAX_TABLE_BYTES >> 20} MiB, not a bench results.json")

@@ -309,7 +309,7 @@ def fit_lines(artifact, result) -> list[str]:
 
 
 # columns that give way on a narrow terminal, the first first, unless the budget is about them
-OPTIONAL_COLUMNS = ("achieved", "KV saved", "ppl", "ideal", "measured", "parameters", "total", "KV cache", "weights")
+OPTIONAL_COLUMNS = ("achieved", "KV saved", "parameters", "KV cache", "weights", "total", "ppl", "ideal", "measured")
 
 
 def candidates_table(result, out: Console) -> Table:
@@ -361,8 +361,8 @@ def candidates_rows(result, drop=()) -> Table:
         row[""] = f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role
         for k, v in row.items():
             cells.setdefault(k, []).append(v)
-    t = Table(title="candidates (memory per GPU; total: with the reserve; speed-up over dense"
-                    + (f"; ppl: held-out perplexity, {ppl_key.replace('@', ' at ')} tokens" if ppl_key else "") + ")")
+    t = Table(title="candidates (per GPU, total with the reserve"
+                    + (f"; ppl: {ppl_key.replace('@', ' at ')} tokens" if ppl_key else "") + ")")
     columns = [k for k in cells if k not in drop]
     for col in columns:
         t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
