@@ -202,7 +202,7 @@ class FitResult:
     candidates: tuple[Candidate, ...]  # in sparsity order
     dense_kv_bytes_per_token: int
     settings: dict  # the budget and deployment settings the search used, and the speed source
-    speedup: float  # the chosen slice's, from the speed source
+    speedup: float | None  # the chosen slice's, from the speed source (None: outside the measured slices)
     warnings: tuple[str, ...] = ()  # about the speed table: its own records' warnings, another artifact's path
 
     @property
@@ -223,8 +223,8 @@ def fit(artifact, *, config=None, memory=None, params=None, speedup=None, batch_
     """The largest slice of `artifact` (an Artifact, its path, or a Ranking with `config`) that fits a budget:
     `memory` per GPU (weights + KV cache for max_model_len x max_num_seqs tokens + `reserve`), `params` (sizes
     may be strings: '24GiB', '5B') and / or a decode `speedup` over dense at `batch_size` sequences: ideal (bytes
-    read, each sequence at max_model_len tokens) or, with `speed_table` (a bench results.json or a SpeedTable),
-    measured, interpolated between measured slices. Deployment rounding is applied to every candidate, so the
+    read, each sequence at max_model_len tokens, or at the table's mean context) or, with `speed_table` (a bench
+    results.json or a SpeedTable), measured, interpolated between measured slices. Deployment rounding is applied to every candidate, so the
     slice reported is the one served with the same tp_size / channel_multiple."""
     ranking, config, path = _ranking_and_config(artifact, config, verify)
     memory = parse_bytes(memory) if isinstance(memory, str) else memory
@@ -330,6 +330,9 @@ def _speed_table(speed_table, batch_size: int, path, ranking: Ranking) -> SpeedT
     if speed_table is None:
         return None
     table = speed_table if isinstance(speed_table, SpeedTable) else read_speed_table(speed_table, batch_size, path)
+    if table.batch_size != batch_size:
+        raise ValueError(f"--speed-table {table.path} was read at batch {table.batch_size}, not --batch-size "
+                         f"{batch_size}: read it again at {batch_size}")
     check_same_artifact(table, ranking)
     return table
 

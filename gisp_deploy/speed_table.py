@@ -62,8 +62,8 @@ class SpeedTable:
             xa, xb, ya, yb = a.achieved_sparsity, b.achieved_sparsity, a.speedup, b.speedup
             if max(ya, yb) < target:
                 continue
-            cross = xa + (target - ya) / (yb - ya) * (xb - xa) if ya != yb else xa
-            lo, hi = (xa, cross) if ya >= target > yb else (max(xa, cross), xb)
+            cross = xa + (target - ya) / (yb - ya) * (xb - xa) if ya != yb else xa  # used only if it lies between
+            lo, hi = (xa if ya >= target else cross), (xb if yb >= target else cross)
             if out and out[-1][1] >= lo - SAME:
                 out[-1] = (out[-1][0], hi + SAME)
             else:

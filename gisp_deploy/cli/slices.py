@@ -291,7 +291,8 @@ def fit_lines(artifact, result) -> list[str]:
     if st["speedup"] is not None or st["speed_source"] != "ideal (bytes read)":
         at = (f"batch {st['batch_size']}, {st['speed_context']:g}-token context" if st["speed_source"].startswith("ideal")
               else f"{st['speed_context']:g}-token mean context")
-        lines.append(f"[bold]speed-up:[/] {result.speedup:.3f}x dense decode ({st['speed_source']}; {at})")
+        shown = "not measured at this slice" if result.speedup is None else f"{result.speedup:.3f}x dense decode"
+        lines.append(f"[bold]speed-up:[/] {shown} ({st['speed_source']}; {at})")
     left = ", ".join(f"{size(v) if k == 'memory' else f'{v:.3f}x' if k == 'speed-up' else count(v)} of {k}"
                      for k, v in result.headroom.items())
     if result.binding == "none":
