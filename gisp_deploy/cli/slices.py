@@ -327,38 +327,24 @@ def candidates_table(result, out: Console) -> Table:
 
 
 def candidates_rows(result, drop=()) -> Table:
+    """Every column of the candidates table but those in `drop`."""
     from ..budget import format_bytes as size, format_count as count
 
-    dense_kv = result.dense_kv_bytes_per_token
     st = result.settings
     measured = st["speed_source"].startswith("measured")
     ppl_key = next((k for c in result.candidates for k in sorted(c.perplexity)), None)
     cells = {}  # column -> a cell per candidate
     for cand in result.candidates:
         c = cand.cost
-        margins = []  # (left, shown, what too little of it is) per budget given: negative left is broken
-        if st["memory"] is not None:
-            left = st["memory"] - st["reserve_bytes"] - c.memory
-            margins.append((left, size(abs(left)), "over"))
-        if st["params"] is not None:
-            left = st["params"] - c.parameters
-            margins.append((left, count(abs(left)), "over"))  # a count: parameters, beside sizes in MiB
-        if st["speedup"] is not None:
-            fast = cand.measured_speedup if measured else cand.ideal_speedup
-            left = -math.inf if fast is None else fast - st["speedup"]
-            margins.append((left, "not measured" if fast is None else f"{abs(left):.3f}x", "short"))
-        left, shown, broken = next((m for m in margins if m[0] < 0), margins[0])  # a broken budget says why
-        verdict = f"yes, {shown} left" if cand.fits else f"[red]no[/], {shown}" + ("" if left == -math.inf
-                                                                                     else f" {broken}")
         row = {"sparsity": f"{c.sparsity:g}", "achieved": f"{c.achieved_sparsity:.4f}", "parameters": count(c.parameters),
                "weights": size(c.weight_bytes), "KV cache": size(c.kv_bytes),
-               "KV saved": f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", "total": size(c.memory + st["reserve_bytes"]),
-               "ideal": f"{cand.ideal_speedup:.3f}x"}
+               "KV saved": f"{1 - c.kv_bytes_per_token / result.dense_kv_bytes_per_token:.0%}",
+               "total": size(c.memory + st["reserve_bytes"]), "ideal": f"{cand.ideal_speedup:.3f}x"}
         if measured:
             row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.3f}x"
         if ppl_key:
             row["ppl"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
-        row["fits"] = verdict
+        row["fits"] = verdict(cand, st, measured)
         row[""] = f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role
         for k, v in row.items():
             cells.setdefault(k, []).append(v)
@@ -370,3 +356,24 @@ def candidates_rows(result, drop=()) -> Table:
     for i in range(len(result.candidates)):
         t.add_row(*(cells[k][i] for k in columns))
     return t
+
+
+def verdict(cand, st: dict, measured: bool) -> str:
+    """'yes, 1.00 KiB left' / 'no, 0.120x short': the first budget a candidate breaks, else the first given."""
+    from ..budget import format_bytes as size, format_count as count
+
+    c = cand.cost
+    margins = []  # (left, shown, what too little of it is) per budget given: negative left is broken
+    if st["memory"] is not None:
+        left = st["memory"] - st["reserve_bytes"] - c.memory
+        margins.append((left, size(abs(left)), " over"))
+    if st["params"] is not None:
+        left = st["params"] - c.parameters
+        margins.append((left, count(abs(left)), " over"))  # a count: parameters, beside sizes in MiB
+    if st["speedup"] is not None:
+        fast = cand.measured_speedup if measured else cand.ideal_speedup
+        left = -math.inf if fast is None else fast - st["speedup"]
+        margins.append((left, "not measured" if fast is None else f"{abs(left):.3f}x", "" if fast is None
+                        else " short"))
+    left, shown, broken = next((m for m in margins if m[0] < 0), margins[0])
+    return f"yes, {shown} left" if cand.fits else f"[red]no[/], {shown}{broken}"
