@@ -351,3 +351,20 @@ def test_the_measured_curve_is_at_or_above_a_target_exactly_on_the_intervals_it_
             assert inside == (table.at(x) >= target - 1e-9) or min(abs(x - e) for s in spans for e in s) < 1e-6, \
                 (target, x, spans)
     assert table.at(0.65) is None and table.at(0.15) == pytest.approx(1.4)
+
+
+def test_a_recorded_digest_identifies_the_artifact(case, tmp_path):
+    """bench records each artifact's manifest sha256: a matching one needs no warning at another path, another
+    one is refused."""
+    import json
+
+    art, tp, cm, costs = case
+    path, _ = measured_table(case, tmp_path)
+    doc = json.loads(path.read_text())
+    moved = [{**r, "artifact": "/elsewhere/art"} for r in doc["results"]]
+    path.write_text(json.dumps({**doc, "results": moved, "artifact_digests": {"/elsewhere/art": art.digest}}))
+    got = fit(art, speedup=1.1, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)
+    assert not any("no digest" in w for w in got.warnings)
+    path.write_text(json.dumps({**doc, "results": moved, "artifact_digests": {"/elsewhere/art": "0" * 64}}))
+    with pytest.raises(ValueError, match="it measured the artifact with manifest sha256 0000000000000000…"):
+        fit(art, speedup=1.1, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)

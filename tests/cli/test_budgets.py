@@ -49,6 +49,7 @@ def test_bench_measures_the_budgets_slice_and_records_the_budget(artifact, chose
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "b" / "results.json").read_text())
     assert sorted({r["sparsity"] for r in doc["results"]}) == [0.0, chosen]
+    assert doc["artifact_digests"] == {str(artifact.path): artifact.digest}
     assert doc["budget"] == {"fit_params": 540_000, "max_model_len": 64, "max_num_seqs": 1, "batch_size": 1,
                              "kv_cache_dtype": "auto", "reserve": "5%+512MiB", "speed_table": None}
 
