@@ -202,7 +202,7 @@ class FitResult:
     candidates: tuple[Candidate, ...]  # in sparsity order
     dense_kv_bytes_per_token: int
     settings: dict  # the budget and deployment settings the search used, and the speed source
-    speedup: float  # the chosen slice's, from the speed source
+    speedup: float | None  # the chosen slice's, from the speed source (None: outside the measured slices)
     warnings: tuple[str, ...] = ()  # about the speed table: its own records' warnings, another artifact's path
 
     @property
@@ -223,10 +223,10 @@ def fit(artifact, *, config=None, memory=None, params=None, speedup=None, batch_
     """The largest slice of `artifact` (an Artifact, its path, or a Ranking with `config`) that fits a budget:
     `memory` per GPU (weights + KV cache for max_model_len x max_num_seqs tokens + `reserve`), `params` (sizes
     may be strings: '24GiB', '5B') and / or a decode `speedup` over dense at `batch_size` sequences: ideal (bytes
-    read, each sequence at max_model_len tokens) or, with `speed_table` (a bench results.json or a SpeedTable),
-    measured, interpolated between measured slices. Deployment rounding is applied to every candidate, so the
+    read, each sequence at max_model_len tokens, or at the table's mean context) or, with `speed_table` (a bench
+    results.json or a SpeedTable), measured, interpolated between measured slices. Deployment rounding is applied to every candidate, so the
     slice reported is the one served with the same tp_size / channel_multiple."""
-    ranking, config, path = _ranking_and_config(artifact, config, verify)
+    ranking, config, art = _ranking_and_config(artifact, config, verify)
     memory = parse_bytes(memory) if isinstance(memory, str) else memory
     params = parse_count(params) if isinstance(params, str) else params
     if memory is None and params is None and speedup is None:
@@ -236,7 +236,7 @@ def fit(artifact, *, config=None, memory=None, params=None, speedup=None, batch_
     reserved = reserve.of(memory) if memory is not None else 0
     max_model_len = max_model_len or config.max_position_embeddings
     tokens = max_model_len * max_num_seqs
-    table = _speed_table(speed_table, batch_size, path, ranking)
+    table = _speed_table(speed_table, batch_size, art, ranking)
     context = table.context if table else max_model_len  # the ideal bounds what the table measured
     counted: dict = {}  # plan layers -> ModelSize (rounding maps many prefixes to one plan)
 
@@ -291,7 +291,7 @@ def fit(artifact, *, config=None, memory=None, params=None, speedup=None, batch_
                 "unit": ranking.unit, "coverage": round(ranking.coverage, 6)}
     return FitResult(plan=plan, cost=chosen, binding=binding, headroom=headroom, candidates=tuple(candidates),
                      dense_kv_bytes_per_token=dense.kv_bytes_per_token, settings=settings, speedup=speed(chosen),
-                     warnings=_table_warnings(table, path))
+                     warnings=_table_warnings(table, art))
 
 
 IDEAL_SOURCE = "ideal (bytes read)"
@@ -326,20 +326,26 @@ def _first_measured(table: SpeedTable, target: float, low: int, ranking: Ranking
                      f"{table.batch_size} --sparsities {more}")
 
 
-def _speed_table(speed_table, batch_size: int, path, ranking: Ranking) -> SpeedTable | None:
+def _speed_table(speed_table, batch_size: int, art, ranking: Ranking) -> SpeedTable | None:
     if speed_table is None:
         return None
+    path = art.path if art is not None else None
     table = speed_table if isinstance(speed_table, SpeedTable) else read_speed_table(speed_table, batch_size, path)
-    check_same_artifact(table, ranking)
+    if table.batch_size != batch_size:
+        raise ValueError(f"--speed-table {table.path} was read at batch {table.batch_size}, not --batch-size "
+                         f"{batch_size}: read it again at {batch_size}")
+    check_same_artifact(table, ranking, art.digest if art is not None else None)
     return table
 
 
-def _table_warnings(table: SpeedTable | None, path) -> tuple[str, ...]:
+def _table_warnings(table: SpeedTable | None, art) -> tuple[str, ...]:
     if table is None:
         return ()
-    moved = path is not None and Path(table.artifact).resolve() != Path(path).resolve()
-    return table.warnings + ((f"{table.path} measured {table.artifact} (its slice sizes match this artifact's, "
-                              "but results.json records no digest to prove it is the same)",) if moved else ())
+    moved = art is not None and Path(table.artifact).resolve() != Path(art.path).resolve()
+    if not moved or table.digest:  # a digest that matched (check_same_artifact) proves it the same artifact
+        return table.warnings
+    return table.warnings + (f"{table.path} measured {table.artifact} (its slice sizes match this artifact's, "
+                             "but results.json records no digest to prove it is the same)",)
 
 
 def budget_plan(artifact, sparsity=None, *, fit_memory=None, fit_params=None, fit_speedup=None,
@@ -363,7 +369,7 @@ def _ranking_and_config(artifact, config, verify: bool):
         from .artifact import load_artifact
 
         artifact = load_artifact(artifact, verify=verify, weights=False)  # metadata is all a budget needs
-    return artifact.ranking, artifact.config, artifact.path
+    return artifact.ranking, artifact.config, artifact
 
 
 def _neighbours(ranking: Ranking, chosen: int, cost) -> list[tuple[SliceCost, str]]:

@@ -32,6 +32,7 @@ class SpeedTable:
     warnings: tuple[str, ...]  # what the table's own records warn about at this batch size
     decoder_params: tuple[tuple[float, int], ...]  # (sparsity, decoder parameters its slice keeps): size records
     rounding: tuple[int, int]  # the (tp_size, channel_multiple) the measured slices were rounded to
+    digest: str | None = None  # the measured artifact's manifest sha256, where results.json records it
 
     @property
     def source(self) -> str:
@@ -62,8 +63,8 @@ class SpeedTable:
             xa, xb, ya, yb = a.achieved_sparsity, b.achieved_sparsity, a.speedup, b.speedup
             if max(ya, yb) < target:
                 continue
-            cross = xa + (target - ya) / (yb - ya) * (xb - xa) if ya != yb else xa
-            lo, hi = (xa, cross) if ya >= target > yb else (max(xa, cross), xb)
+            cross = xa + (target - ya) / (yb - ya) * (xb - xa) if ya != yb else xa  # used only if it lies between
+            lo, hi = (xa if ya >= target else cross), (xb if yb >= target else cross)
             if out and out[-1][1] >= lo - SAME:
                 out[-1] = (out[-1][0], hi + SAME)
             else:
@@ -80,6 +81,8 @@ def read_speed_table(path, batch_size: int, artifact_path=None) -> SpeedTable:
     when the file measured several. Bad files are refused in one line that names the problem and the fix."""
     path = Path(path)
     fix = f"pass the results.json that `gisp-deploy bench ARTIFACT --speed --batch-sizes {batch_size}` wrote"
+    if not path.is_file():
+        raise ValueError(f"--speed-table {path}: no such file; {fix}")
     try:
         if path.stat().st_size > MAX_TABLE_BYTES:
             raise ValueError(f"--speed-table {path}: larger than {MAX_TABLE_BYTES >> 20} MiB, not a bench results.json")
@@ -118,17 +121,23 @@ def read_speed_table(path, batch_size: int, artifact_path=None) -> SpeedTable:
         warnings += (f"measured speed-ups fall from sparsity {', '.join(falls)} (noise, or a slower kernel): "
                      "the least pruned slice that reaches the target on the measured curve is chosen",)
     rounding = doc.get("speed") if isinstance(doc.get("speed"), dict) else {}
+    digests = doc.get("artifact_digests") if isinstance(doc.get("artifact_digests"), dict) else {}
+    digest = digests.get(str(records[0].get("artifact")))
     return SpeedTable(path=str(path), batch_size=batch_size, points=tuple(points), context=context,
                       artifact=str(records[0].get("artifact")), perplexity=_perplexities(records, path),
                       warnings=warnings, decoder_params=_sizes(records, path),
-                      rounding=tuple(_whole(rounding.get(k, 1), path, k) for k in ("tp_size", "channel_multiple")))
+                      rounding=tuple(_whole(rounding.get(k, 1), path, k) for k in ("tp_size", "channel_multiple")),
+                      digest=digest if isinstance(digest, str) else None)
 
 
-def check_same_artifact(table: SpeedTable, ranking) -> None:
-    """Refuse a table whose size records keep other decoder parameters than this artifact's slices would: a
-    results.json records the artifact's path, not its digest, so the sizes of its slices are what identify it."""
+def check_same_artifact(table: SpeedTable, ranking, digest: str | None = None) -> None:
+    """Refuse a table of another artifact: by the manifest sha256 where both are known (`digest`: this
+    artifact's), and always by the decoder parameters its measured slices kept against this ranking's."""
     from .plan import plan_slice
 
+    if table.digest and digest and table.digest != digest:
+        raise ValueError(f"--speed-table {table.path}: it measured the artifact with manifest sha256 "
+                         f"{table.digest[:16]}…, this one's is {digest[:16]}…; bench this one")
     tp, cm = table.rounding
     for s, kept in table.decoder_params:
         try:

@@ -291,3 +291,9 @@ def speed_results(path: Path, art, points, batch_size: int = 1, perplexity=None,
     path.write_text(json.dumps({"command": "bench", "speed": {"tp_size": tp_size, "channel_multiple":
                                                                channel_multiple}, "results": records}))
     return path
+
+
+def run_cli(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`gisp-deploy ARGS...` in a child process, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

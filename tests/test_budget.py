@@ -268,6 +268,10 @@ def test_measured_speedups_choose_the_first_slice_that_reaches_them(case, tmp_pa
         for c in got.candidates:  # perplexity only where it was measured, never interpolated
             measured = abs(c.cost.achieved_sparsity - table.points[2].achieved_sparsity) < 5e-7
             assert c.perplexity == ({"persuasion.txt.gz@128": 80.5} if measured else {})
+    beyond = fit(art, params=costs[-1].parameters, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)
+    assert beyond.cost.achieved_sparsity == costs[-1].achieved_sparsity and beyond.speedup is None  # not guessed
+    with pytest.raises(ValueError, match="read at batch 1, not --batch-size 16"):
+        fit(art, speedup=1.1, speed_table=table, batch_size=16, tp_size=tp, channel_multiple=cm, **FIT)
     with pytest.raises(ValueError) as e:
         fit(art, speedup=1.6, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)
     msg = str(e.value)
@@ -328,3 +332,39 @@ def test_speedups_are_numbers_and_bad_ones_are_refused(text, value):
     for bad in ("fast", "0", "-1.5", "nan", "inf"):
         with pytest.raises(ValueError, match=f"--fit-speedup {bad!r}: give a speed-up"):
             parse_speedup(bad)
+
+
+def test_the_measured_curve_is_at_or_above_a_target_exactly_on_the_intervals_it_reports():
+    """Rising, falling and flat segments: every point of a fine grid is inside an interval iff its interpolated
+    speed-up reaches the target."""
+    from gisp_deploy.speed_table import SpeedPoint, SpeedTable
+
+    ups = [1.0, 1.3, 1.5, 1.4, 1.2, 1.2, 1.6]
+    xs = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    table = SpeedTable(path="t.json", batch_size=1, points=tuple(SpeedPoint(x, x, u, u, u) for x, u in zip(xs, ups)),
+                       context=32, artifact="a", perplexity=(), warnings=(), decoder_params=(), rounding=(1, 1))
+    for target in (1.1, 1.25, 1.3, 1.45, 1.55, 1.6):
+        spans = table.reaching(target)
+        for i in range(601):
+            x = i / 1000
+            inside = any(lo <= x <= hi for lo, hi in spans)
+            assert inside == (table.at(x) >= target - 1e-9) or min(abs(x - e) for s in spans for e in s) < 1e-6, \
+                (target, x, spans)
+    assert table.at(0.65) is None and table.at(0.15) == pytest.approx(1.4)
+
+
+def test_a_recorded_digest_identifies_the_artifact(case, tmp_path):
+    """bench records each artifact's manifest sha256: a matching one needs no warning at another path, another
+    one is refused."""
+    import json
+
+    art, tp, cm, costs = case
+    path, _ = measured_table(case, tmp_path)
+    doc = json.loads(path.read_text())
+    moved = [{**r, "artifact": "/elsewhere/art"} for r in doc["results"]]
+    path.write_text(json.dumps({**doc, "results": moved, "artifact_digests": {"/elsewhere/art": art.digest}}))
+    got = fit(art, speedup=1.1, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)
+    assert not any("no digest" in w for w in got.warnings)
+    path.write_text(json.dumps({**doc, "results": moved, "artifact_digests": {"/elsewhere/art": "0" * 64}}))
+    with pytest.raises(ValueError, match="it measured the artifact with manifest sha256 0000000000000000…"):
+        fit(art, speedup=1.1, speed_table=path, tp_size=tp, channel_multiple=cm, **FIT)

@@ -20,7 +20,8 @@ def test_no_install_from_an_index_gisp_deploy_is_not_on(doc):
 
 def _documented_commands():
     """Every `gisp-deploy SUBCOMMAND ...` line of the README's code blocks and the Makefile (continuations joined)."""
-    blocks = re.findall(r"```(?:bash|yaml)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    fenced = re.findall(r"^```(\w*)\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    blocks = [body for lang, body in fenced if lang in ("", "bash", "yaml")]  # text blocks show output
     text = "\n".join(blocks) + "\n" + (ROOT / "Makefile").read_text()
     for line in text.replace("\\\n", " ").splitlines():
         m = re.search(r"gisp-deploy ([a-z-]+) (.*)", line)

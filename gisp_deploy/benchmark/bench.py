@@ -80,6 +80,7 @@ class Bench:
         self._dense_engine: tuple[tuple, Engine] | None = None  # (weights key, engine), kept for the slices
         self._lm_eval = None  # the lm-eval tasks, resolved and their data read once (validate)
         self._budget_slices: dict[str, float] = {}  # artifact path -> the sparsity its budget chose (validate)
+        self.digests: dict[str, str] = {}  # artifact path -> its manifest's sha256 (what a --speed-table checks)
 
     def validate(self, paths) -> list:
         """Resolve the lm-eval tasks, load every artifact and plan every slice before measuring anything, so bad
@@ -119,6 +120,7 @@ class Bench:
 
     def _run_artifact(self, art):
         cfg = self.cfg
+        self.digests[str(art.path)] = art.digest
         tok = load_tokenizer(art.path) if cfg.texts or cfg.tasks or cfg.lm_eval_tasks else None
         streams = text_streams(tok, cfg.texts, cfg.max_tokens) if tok is not None else {}
         key = _weights_key(art)
@@ -293,6 +295,7 @@ def bench(artifacts, *, sparsities=None, texts=(), tasks=(), seq_lens="128,512",
     out.mkdir(parents=True, exist_ok=True)
 
     def on_record(_rec):
+        meta["artifact_digests"] = runner.digests
         write_results(out, runner.records, meta)  # what is measured so far survives an interruption
         write_markdown(out, runner.records, meta)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -273,7 +274,8 @@ def fit(
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), **result.to_json()}) + "\n")
         return
-    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: not cut to 80 columns
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    out = Console(width=160 if piped else None)  # piped: not cut to 80 columns; else the terminal's width
     for line in fit_lines(artifact, result):
         out.print(line, soft_wrap=True, highlight=False)
     out.print(candidates_table(result, out))
@@ -296,7 +298,8 @@ def fit_lines(artifact, result) -> list[str]:
     if st["speedup"] is not None or st["speed_source"] != "ideal (bytes read)":
         at = (f"batch {st['batch_size']}, {st['speed_context']:g}-token context" if st["speed_source"].startswith("ideal")
               else f"{st['speed_context']:g}-token mean context")
-        lines.append(f"[bold]speed-up:[/] {result.speedup:.3f}x dense decode ({st['speed_source']}; {at})")
+        shown = "not measured at this slice" if result.speedup is None else f"{result.speedup:.3f}x dense decode"
+        lines.append(f"[bold]speed-up:[/] {shown} ({st['speed_source']}; {at})")
     left = ", ".join(f"{size(v) if k == 'memory' else f'{v:.3f}x' if k == 'speed-up' else count(v)} of {k}"
                      for k, v in result.headroom.items())
     if result.binding == "none":
@@ -313,59 +316,71 @@ def fit_lines(artifact, result) -> list[str]:
     return lines
 
 
-OPTIONAL_COLUMNS = ("achieved", "KV saved", "parameters", "total")  # the first gives way first when narrow
+# columns that give way on a narrow terminal, the first first, unless the budget is about them
+OPTIONAL_COLUMNS = ("achieved", "KV saved", "parameters", "KV cache", "weights", "total", "ppl", "ideal", "measured")
 
 
 def candidates_table(result, out: Console) -> Table:
     """The dense model, round sparsities next to the choice, the choice and the next larger slice, in as few
-    optional columns as it takes to fit `out`'s width."""
-    for n in range(len(OPTIONAL_COLUMNS) + 1):
-        t = candidates_rows(result, drop=OPTIONAL_COLUMNS[:n])
-        if out.measure(t).maximum <= out.width:
+    optional columns as it takes to fit `out`'s width (a column the budget is about stays)."""
+    st = result.settings
+    needed = {"ideal": st["speedup"], "measured": st["speedup"], "parameters": st["params"], "total": st["memory"]}
+    optional = [c for c in OPTIONAL_COLUMNS if needed.get(c) is None]
+    for n in range(len(optional) + 1):
+        t = candidates_rows(result, drop=optional[:n])
+        if out.measure(t, options=out.options.update_width(10_000)).maximum <= out.width:  # unwrapped width
             break
     return t
 
 
 def candidates_rows(result, drop=()) -> Table:
+    """Every column of the candidates table but those in `drop`."""
     from ..budget import format_bytes as size, format_count as count
 
-    dense_kv = result.dense_kv_bytes_per_token
     st = result.settings
     measured = st["speed_source"].startswith("measured")
     ppl_key = next((k for c in result.candidates for k in sorted(c.perplexity)), None)
     cells = {}  # column -> a cell per candidate
     for cand in result.candidates:
         c = cand.cost
-        margins = []  # (left, shown, what too little of it is) per budget given: negative left is broken
-        if st["memory"] is not None:
-            left = st["memory"] - st["reserve_bytes"] - c.memory
-            margins.append((left, size(abs(left)), "over"))
-        if st["params"] is not None:
-            left = st["params"] - c.parameters
-            margins.append((left, count(abs(left)) + " parameters", "over"))
-        if st["speedup"] is not None:
-            fast = cand.measured_speedup if measured else cand.ideal_speedup
-            left = -math.inf if fast is None else fast - st["speedup"]
-            margins.append((left, "not measured" if fast is None else f"{abs(left):.3f}x", "short"))
-        left, shown, broken = next((m for m in margins if m[0] < 0), margins[0])  # a broken budget says why
-        verdict = f"yes, {shown} left" if cand.fits else f"[red]no[/], {shown}" + ("" if left == -math.inf
-                                                                                     else f" {broken}")
         row = {"sparsity": f"{c.sparsity:g}", "achieved": f"{c.achieved_sparsity:.4f}", "parameters": count(c.parameters),
                "weights": size(c.weight_bytes), "KV cache": size(c.kv_bytes),
-               "KV saved": f"{1 - c.kv_bytes_per_token / dense_kv:.0%}", "total": size(c.memory + st["reserve_bytes"]),
-               "ideal": f"{cand.ideal_speedup:.2f}x"}
+               "KV saved": f"{1 - c.kv_bytes_per_token / result.dense_kv_bytes_per_token:.0%}",
+               "total": size(c.memory + st["reserve_bytes"]), "ideal": f"{cand.ideal_speedup:.3f}x"}
         if measured:
-            row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.2f}x"
+            row["measured"] = "—" if cand.measured_speedup is None else f"{cand.measured_speedup:.3f}x"
         if ppl_key:
-            row[f"ppl {ppl_key}"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
-        row["fits"] = verdict
+            row["ppl"] = f"{cand.perplexity[ppl_key]:.2f}" if ppl_key in cand.perplexity else "—"
+        row["fits"] = verdict(cand, st, measured)
         row[""] = f"[bold]{cand.role}[/]" if cand.role == "chosen" else cand.role
         for k, v in row.items():
             cells.setdefault(k, []).append(v)
-    t = Table(title="candidates (memory per GPU; total: with the reserve; speed-up over dense)")
+    t = Table(title="candidates (per GPU, total with the reserve"
+                    + (f"; ppl: {ppl_key.replace('@', ' at ')} tokens" if ppl_key else "") + ")")
     columns = [k for k in cells if k not in drop]
     for col in columns:
         t.add_column(col, justify="left" if col in ("fits", "") else "right", no_wrap=True)
     for i in range(len(result.candidates)):
         t.add_row(*(cells[k][i] for k in columns))
     return t
+
+
+def verdict(cand, st: dict, measured: bool) -> str:
+    """'yes, 1.00 KiB left' / 'no, 0.120x short': the first budget a candidate breaks, else the first given."""
+    from ..budget import format_bytes as size, format_count as count
+
+    c = cand.cost
+    margins = []  # (left, shown, what too little of it is) per budget given: negative left is broken
+    if st["memory"] is not None:
+        left = st["memory"] - st["reserve_bytes"] - c.memory
+        margins.append((left, size(abs(left)), " over"))
+    if st["params"] is not None:
+        left = st["params"] - c.parameters
+        margins.append((left, count(abs(left)), " over"))  # a count: parameters, beside sizes in MiB
+    if st["speedup"] is not None:
+        fast = cand.measured_speedup if measured else cand.ideal_speedup
+        left = -math.inf if fast is None else fast - st["speedup"]
+        margins.append((left, "not measured" if fast is None else f"{abs(left):.3f}x", "" if fast is None
+                        else " short"))
+    left, shown, broken = next((m for m in margins if m[0] < 0), margins[0])
+    return f"yes, {shown} left" if cand.fits else f"[red]no[/], {shown}{broken}"

@@ -2,28 +2,19 @@
 next to the dense model); a budget and sparsities together, or a bad budget, is one line before anything is read."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from gisp_deploy.budget import fit
-from tests.factory import EXAMPLE_HELDOUT, Source, dense_model, make_model_dir, speed_results
+from tests.factory import EXAMPLE_HELDOUT, run_cli as cli, speed_results
 
 BUDGET = ["--fit-params", "540K", "--max-model-len", "64"]
 TEXT = ["--text", EXAMPLE_HELDOUT, "--seq-lens", "32", "--max-tokens", "256"]
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("budgets")
-    model_dir = make_model_dir(root, "llama-gqa")
-    return Source(model_dir, dense_model(model_dir), root, "q_head").artifact
+def artifact(q_head_artifact):
+    return q_head_artifact
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +49,7 @@ def test_bench_measures_the_budgets_slice_and_records_the_budget(artifact, chose
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "b" / "results.json").read_text())
     assert sorted({r["sparsity"] for r in doc["results"]}) == [0.0, chosen]
+    assert doc["artifact_digests"] == {str(artifact.path): artifact.digest}
     assert doc["budget"] == {"fit_params": 540_000, "max_model_len": 64, "max_num_seqs": 1, "batch_size": 1,
                              "kv_cache_dtype": "auto", "reserve": "5%+512MiB", "speed_table": None}
 
