@@ -19,17 +19,6 @@ def head_rows(heads, head_dim: int) -> list[int]:
     return [h * head_dim + d if h >= 0 else -1 for h in heads for d in range(head_dim)]
 
 
-def runs(idx: list[int]) -> list[tuple[int, int]]:
-    """[2, 3, 4, 9, 10] -> [(2, 5), (9, 11)]: maximal runs of consecutive indices as half-open ranges."""
-    out: list[list[int]] = []
-    for i in idx:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return [(a, b) for a, b in out]
-
-
 def kept(positions: list[int]) -> list[int]:
     """The real (non-dummy) source positions, in order."""
     return [p for p in positions if p >= 0]
