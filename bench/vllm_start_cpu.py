@@ -1,7 +1,7 @@
 """vLLM start of a slice against the dense model, on CPU: process start -> first successful /v1/completions.
 
     python bench/vllm_start_cpu.py ARTIFACT [--sparsity 0.4] [--repeats 2] [--work /tmp/gisp-vllm-start]
-        [--out bench/results/vllm_start_cpu.json]
+        [--dtype float32] [--dense DIR] [--out bench/results/vllm_start_cpu.json]
 
 Three servers, started in turns (A B C A B C ...), each in a fresh process group on 127.0.0.1:
   serve    `gisp-deploy serve ARTIFACT --sparsity S` (the plugin slices the dense weights as vLLM reads them)
@@ -9,7 +9,7 @@ Three servers, started in turns (A B C A B C ...), each in a fresh process group
   dense    the artifact's source model, served by vLLM's own server
 vLLM's server is started the way `serve` starts it (gisp_deploy.serving.launch.vllm_main: the distribution's
 api_server entry point), with the same arguments for all three: --enforce-eager --max-model-len 256
---kv-cache-memory-bytes 64MiB --dtype float32, and a fixed --served-model-name. Time: from Popen to the first
+--kv-cache-memory-bytes 64MiB --dtype DTYPE, and a fixed --served-model-name. Time: from Popen to the first
 200 answer of a 1-token completion (polled every 0.25 s). Peak RSS: the process tree's summed RSS, sampled
 every 0.25 s (pages shared between processes counted in each). The machine is shared: load average recorded.
 """
@@ -32,8 +32,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_ARGS = ["--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20),
-             "--dtype", "float32"]
+VLLM_ARGS = ["--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20)]
 NAME = "bench"
 VLLM_SERVER = [sys.executable, "-c", "from gisp_deploy.serving.launch import vllm_main; vllm_main()"]
 
@@ -110,6 +109,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", default="/tmp/gisp-vllm-start")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--dtype", default="float32", help="vLLM's --dtype, and the export's")
+    ap.add_argument("--dense", help="the dense model's directory (default: the artifact's weights)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_start_cpu.json"))
     args = ap.parse_args()
     from gisp_deploy import export
@@ -120,16 +121,18 @@ def main():
     art = load_artifact(args.artifact)
     exported = work / f"export-{args.sparsity:g}"
     if not exported.is_dir():
-        export(art, exported, args.sparsity, dtype="float32")
-    dense_dir = art.weights_dir if art.manifest["weights"]["copied"] else Path(art.manifest["weights"]["source"])
+        export(art, exported, args.sparsity, dtype=args.dtype)
+    vllm_args = [*VLLM_ARGS, "--dtype", args.dtype]
+    dense_dir = Path(args.dense or (art.weights_dir if art.manifest["weights"]["copied"]
+                                    else art.manifest["weights"]["source"]))
 
     def argv(kind: str, port: int) -> list[str]:
         if kind == "serve":
             return [sys.executable, "-m", "gisp_deploy.cli", "serve", str(art.path), "--sparsity",
-                    str(args.sparsity), "--port", str(port), "--served-model-name", NAME, "--", *VLLM_ARGS]
+                    str(args.sparsity), "--port", str(port), "--served-model-name", NAME, "--", *vllm_args]
         model = exported if kind == "export" else dense_dir
         return [*VLLM_SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", NAME, *VLLM_ARGS]
+                "--served-model-name", NAME, *vllm_args]
 
     kinds = ["serve", "export", "dense"]
     rows = []
@@ -148,7 +151,7 @@ def main():
                                                      [r for r in rows if r["kind"] == "dense"])])
     Path(args.out).write_text(json.dumps({
         "command": "python bench/vllm_start_cpu.py " + " ".join(sys.argv[1:]), "artifact": str(art.path),
-        "sparsity": args.sparsity, "vllm_args": VLLM_ARGS, "cpus": os.cpu_count(),
+        "sparsity": args.sparsity, "vllm_args": vllm_args, "cpus": os.cpu_count(),
         "note": "time from Popen to the first 200 /v1/completions; peak = summed RSS of the process tree, sampled",
         "summary": summary, "results": rows}, indent=2))
     for k, v in summary.items():

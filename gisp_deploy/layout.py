@@ -30,17 +30,6 @@ def consumer_inputs(lay, head_dim: int) -> dict[str, tuple[list[int], list[int]]
     return out
 
 
-def runs(idx: list[int]) -> list[tuple[int, int]]:
-    """[2, 3, 4, 9, 10] -> [(2, 5), (9, 11)]: maximal runs of consecutive indices as half-open ranges."""
-    out: list[list[int]] = []
-    for i in idx:
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return [(a, b) for a, b in out]
-
-
 def kept(positions: list[int]) -> list[int]:
     """The real (non-dummy) source positions, in order."""
     return [p for p in positions if p >= 0]
