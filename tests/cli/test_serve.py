@@ -38,5 +38,5 @@ def test_the_plan_is_shown_with_fits_lines_and_table(artifact, capsys):
     show_plan(artifact.path)(result)
     err = " ".join(capsys.readouterr().err.split())
     assert f"chosen: sparsity {result.cost.sparsity:g}" in err and "(2 x 64 tokens)" in err
-    assert "candidates (memory per GPU" in err and "chosen" in err.split("candidates")[1]
+    assert "candidates (per GPU" in err and "chosen" in err.split("candidates")[1]
     assert f"serve it: gisp-deploy serve {artifact.path} --sparsity {result.cost.sparsity:g}" in err
