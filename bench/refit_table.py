@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--ridge", type=float, default=None, help="relative ridge (default: refit.DEFAULT_RIDGE)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "refit"))
+    ap.add_argument("--keep", action="store_true", help="keep OUT/results.json's records (each with the command "
+                    "that measured it) and measure only the cells it lacks")
     args = ap.parse_args()
     import torch
 
@@ -77,17 +79,25 @@ def main():
             "texts": [str(t) for t in TEXTS], "torch_threads": args.threads, "python": platform.python_version(),
             "torch": torch.__version__}
     records: list[dict] = []
+    previous = out / "results.json"
+    if args.keep and previous.is_file():
+        old = json.loads(previous.read_text())
+        records = [{**r, "command": r.get("command", old["command"])} for r in old["results"]]
+        meta["commands"] = sorted({old["command"], *old.get("commands", []), command})
+    done = {(r["artifact"], r["sparsity"], r["refit_asked"]) for r in records}
     for path in args.artifacts:
         art = load_artifact(path)
         tok = load_tokenizer(art.path)
         for s in sparsities:
             for refit in refits:
+                if (str(art.path), s, refit) in done:
+                    continue
                 t = time.perf_counter()
                 recs = evaluate_slices(art, tok, [s], [str(x) for x in TEXTS], (128,), max_tokens=args.max_tokens,
                                        refit=refit)
                 wall = time.perf_counter() - t
                 for r in recs:
-                    r.update(refit_asked=refit, slice_and_eval_s=round(wall, 1),
+                    r.update(refit_asked=refit, slice_and_eval_s=round(wall, 1), command=command,
                              eval_command=shlex.join(["gisp-deploy", "eval", str(path), "--sparsities", f"{s:g}",
                                                       "--refit", refit, *sum((["--text", str(x)] for x in TEXTS), []),
                                                       "--seq-lens", "128", "--max-tokens", str(args.max_tokens),
@@ -100,7 +110,9 @@ def main():
                 (out / "table.md").write_text(
                     f"Held-out perplexity, 128-token windows, first {args.max_tokens:,} tokens of each text, fp32, CPU; "
                     f"corrections with ridge {ridge:g} (relative); in parentheses: change against the plain slice.\n\n"
-                    + table(records, sparsities, refits) + f"\n\nCommand:\n\n    {command}\n\n"
+                    + table(records, sparsities, list(dict.fromkeys(r["refit_asked"] for r in records)))
+                    + "\n\nCommands (results.json gives each record's):\n\n"
+                    + "\n".join(f"    {c}" for c in meta.get("commands", [command])) + "\n\n"
                     "Each cell is what `gisp-deploy eval ARTIFACT --sparsities S --refit R --text "
                     "TEXT --seq-lens 128 --max-tokens N --json` measures (results.json has each record's command).\n")
 

@@ -255,6 +255,12 @@ BAD_ARGUMENTS = [
     (["prune", "{model}", "--calib", "calib.txt", "--out", "{tmp}/y"], "--calib calib.txt: no such file"),
     (["make-task", "{model}", "--text", "nothere.txt", "--out", "{tmp}/t"], "--text nothere.txt"),
     (["inspect", "{model}"], "a model directory, not a gisp-deploy artifact"),
+    (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--refit", "lsq"], "--refit 'lsq': choose none, ls, ec"),
+    (["export", "{art}", "--sparsity", "0.4", "--refit", "x", "--out", "{tmp}/x"], "--refit 'x'"),
+    (["check", "{art}", "--refit", "x"], "--refit 'x'"),
+    (["bench", "{art}", "--refit", "x"], "--refit 'x'"),
+    (["serve", "{art}", "--sparsity", "0.4", "--refit", "x"], "--refit 'x'"),
+    (["serve", "{art}", "--refit", "ls"], "pass --sparsity too"),
 ]
 
 
