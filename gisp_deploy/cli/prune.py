@@ -26,6 +26,10 @@ PRUNE_EXAMPLES = """
   gisp-deploy prune ./model --objective margin --calib task.jsonl \\
       --out model-margin
 
+  # rank by the second-order Taylor estimate of the loss change,
+  # |W*G - 1/2 F*W^2|, F the diagonal Fisher of per-sequence gradients
+  gisp-deploy prune ./model --calib data/ --score mix --out model-mix
+
   # a baseline that writes the same ranking format
   gisp-deploy prune ./model --method wanda-sp --calib data/ \\
       --out model-wanda
@@ -61,6 +65,10 @@ def prune(
                                  "(heads and channels differ in size)."),
     normalization: Optional[str] = typer.Option(None, help="reference (authors' block-wise constants) | params "
                                                 "(per scored weight) | none. Default: the method's own."),
+    score: str = typer.Option("first", help="Gradient methods' per-weight importance, summed per structure: first "
+                              "|W*G| (the paper's) | second 1/2 F*W^2 (F: diagonal Fisher, the mean over sequences "
+                              "of each one's squared gradient; one more weight-gradient of compute per pass) | mix "
+                              "|W*G - 1/2 F*W^2| (the loss change to second order)."),
     protect_first: float = typer.Option(0.1, help="Never prune the first int(F x layers) layers."),
     protect_last: int = typer.Option(1, help="Never prune the last N layers."),
     samples: int = typer.Option(128, help="Calibration samples (windows, or JSONL records)."),
@@ -82,9 +90,10 @@ def prune(
                                       "the source path and sha256 instead."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
-    from ..arguments import check_device, check_dtype, require_local
+    from ..arguments import check_device, check_dtype, check_score, require_local
 
     require_local(calib, "--calib")  # what a typo can break, before the heavy imports
+    check_score(score, method, objective)
     check_dtype(dtype)
     check_device(device)
     if batch_size != "auto" and not batch_size.isdigit():
@@ -102,7 +111,7 @@ def prune(
     try:
         with progress_bar() if ranks.is_main else contextlib.nullcontext() as progress:
             summary = run(model, calib=calib, out=out, method=method, objective=objective, unit=unit, steps=steps,
-                          max_sparsity=max_sparsity, schedule=schedule, normalization=normalization,
+                          max_sparsity=max_sparsity, schedule=schedule, normalization=normalization, score=score,
                           protect_first=protect_first, protect_last=protect_last, samples=samples, seq_len=seq_len,
                           batch_size=batch_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
                           compute=compute, resume=resume, overwrite=overwrite, copy_weights=copy_weights,

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..arguments import GRADIENT_METHODS, check_score
 from ..data import Calibration
 from ..families import ModelShape
 from ..ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
 from .distributed import Ranks
-from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
-from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, scores_kv,
-                      wanda_scores, zero_structure)
+from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_sums, scored_weights
+from .scoring import (NEEDS_FISHER, NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores,
+                      normalize, scores_kv, wanda_scores, zero_structure)
 from .shrinking import ShrinkingModel
 
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "random")
@@ -38,6 +39,7 @@ class PruneConfig:
     max_sparsity: float = 0.6
     schedule: str = "params"
     normalization: str | None = None  # None: the method's default
+    score: str = "first"  # gradient methods: scoring.SCORES, the Taylor terms ranked by
     protect_first: float = 0.1
     protect_last: int = 1
     seed: int = 0
@@ -55,6 +57,7 @@ class PruneConfig:
             object.__setattr__(self, "normalization", DEFAULT_NORMALIZATION[self.method])
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        check_score(self.score, self.method, self.objective)
         if not (math.isfinite(self.max_sparsity) and 0 < self.max_sparsity < 1):
             raise ValueError(f"--max-sparsity {self.max_sparsity} must be a fraction in (0, 1), e.g. 0.6")
         if self.steps < 1:
@@ -245,6 +248,7 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
     with_kv = scores_kv(shape, cfg.unit)
     per_step = math.ceil(cfg.max_sparsity * len(pool) / steps)
     batch_size = cfg.batch_size
+    fisher = cfg.score in NEEDS_FISHER
     ranks = compute.ranks
     local = ranks.shard(calib)
     reduce = ranks.sum if ranks.world > 1 else None
@@ -256,10 +260,13 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         else:
             weights = scored_weights(model, shape, cfg.unit, layers)
         if batch_size is None:
-            batch_size = fit_batch_size(model, weights, local)
+            batch_size = fit_batch_size(model, weights, local, fisher=fisher)
         advance = on_pass(description, local.input_ids.numel()) if on_pass else None
-        grads = objective_gradient(model, weights, local, batch_size, advance, leading, reduce)
-        raw = shrinking.scores(grads, layers, with_kv) if compact else gradient_scores(model, shape, cfg.unit, grads)
+        sums = objective_sums(model, weights, local, batch_size, advance, leading, reduce, fisher=fisher)
+        if compact:
+            raw = shrinking.scores(sums.grad, layers, with_kv, sums.fisher, cfg.score)
+        else:
+            raw = gradient_scores(model, shape, cfg.unit, sums.grad, fisher=sums.fisher, score=cfg.score)
         return normalize(*raw, shape, cfg.unit, cfg.normalization)
 
     step = state.step

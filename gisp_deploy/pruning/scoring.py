@@ -1,14 +1,34 @@
-"""Per-structure scores (|W·Ḡ|, magnitude, Wanda-sp), their normalisation, and zeroing removed structures."""
+"""Per-structure scores (|W·Ḡ| and its second-order options, magnitude, Wanda-sp), their normalisation, and
+zeroing removed structures."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ..arguments import SCORES
 from ..families import ModelShape, layer_modules
 from ..ranking import CHANNEL, HEAD, units_per_layer
 
 NORMALIZATIONS = ("reference", "params", "none")
+# arguments.SCORES: Taylor terms of the loss change when a weight is zeroed, ΔL ≈ −Ḡ·W + ½ F·W² (the authors'
+# param_first, param_second, param_mix); these two need the diagonal Fisher F
+NEEDS_FISHER = ("second", "mix")
+
+
+def taylor_importance(weight: torch.Tensor, grad: torch.Tensor, fisher: torch.Tensor | None, score: str):
+    """Per-weight importance, fp32, of zeroing `weight` ([out, in], as `grad` = Ḡ and `fisher` = Σ_i w_i g_i²):
+    first |W·Ḡ|; second ½ F·W² (diagonal-Fisher curvature); mix |W·Ḡ − ½ F·W²|, the loss change to second order
+    (its sign flipped, which |·| ignores)."""
+    w = weight.float()
+    if score == "first":
+        return (w * grad).abs()
+    curvature = 0.5 * fisher * w * w
+    if score == "second":
+        return curvature
+    if score == "mix":
+        return (w * grad - curvature).abs()
+    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
 
 
 def rows_per_unit(x: torch.Tensor, units: int) -> torch.Tensor:
@@ -50,10 +70,13 @@ def scores_kv(shape: ModelShape, unit: str) -> bool:
 
 
 @torch.no_grad()
-def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor], layers=None):
-    """GISP's first-order importance: Σ |W ⊙ Ḡ| over each structure's weights (of `layers`, default all)."""
+def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor], layers=None,
+                    fisher: dict[str, torch.Tensor] | None = None, score: str = "first"):
+    """GISP's importance: Σ over each structure's weights (of `layers`, default all) of `taylor_importance`,
+    by default the first-order |W ⊙ Ḡ|."""
     def per_weight(layer, proj):
-        return (_weight(model, layer, proj).float() * grads[f"{layer}.{proj}"]).abs()
+        key = f"{layer}.{proj}"
+        return taylor_importance(_weight(model, layer, proj), grads[key], None if fisher is None else fisher[key], score)
     return _aggregate(per_weight, shape, unit, scores_kv(shape, unit), layers)
 
 
