@@ -162,3 +162,17 @@ def check_one_size(sparsity, fit_memory, fit_params) -> None:
     if sparsity is not None and (fit_memory is not None or fit_params is not None):
         raise ValueError("a sparsity and a budget together: drop --sparsity to let --fit-memory / --fit-params "
                          "choose the slice, or drop the budget")
+
+
+# Load-time corrections of a slice (`--refit`): gisp_deploy/refit.py has the math, slicing/correction.py runs it.
+REFITS = {"none": "the plain slice: dense weights with structures cut out",
+          "ls": "least squares from the dense model's o_proj / down_proj input moments",
+          "ec": "error-correcting: layer by layer, the dense output regressed on the corrected slice's inputs"}
+
+
+def check_refit(name: str | None, flag: str = "--refit") -> str:
+    if name is None:
+        return "none"
+    if name not in REFITS:
+        raise ValueError(f"{flag} {name!r}: choose {', '.join(REFITS)} (see --help)")
+    return name

@@ -22,6 +22,10 @@ FORMAT = "gisp-deploy-artifact"
 FORMAT_VERSION = 2  # 2: `files` holds the sha256 of every file of the artifact; 1: of the weights and ranking only
 MANIFEST = "gisp.json"
 RANKING = "ranking.safetensors"
+# What load-time corrections (--refit) need: the calibration windows prune scored on, int32 token ids
+# [samples, seq_len] and their attention mask (uint8); the moments are recomputed from them at load time.
+STATISTICS = "calibration.safetensors"
+MAX_STATISTICS_TOKENS = 1 << 24  # bounds a crafted file: 16M tokens (64 MB of ids) is far above any calibration
 WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,8 +92,9 @@ def is_artifact(path: Path) -> bool:
 
 
 def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict, *, copy_weights: bool = True,
-                   overwrite: bool = False) -> Path:
-    """Write config, tokenizer, weights (or their reference), ranking and manifest atomically to `out`."""
+                   overwrite: bool = False, calibration=None) -> Path:
+    """Write config, tokenizer, weights (or their reference), ranking and manifest atomically to `out`;
+    `calibration` (a data.Calibration) is stored as the statistics of load-time corrections (STATISTICS)."""
     source_dir = Path(source_dir)
     weights = weight_files(source_dir)
     with atomic_dir(out, overwrite, "artifact", is_artifact) as tmp:
@@ -102,6 +107,8 @@ def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict
             hashes[f.name] = sha256_file(f)
         ranking.save(tmp / RANKING)
         manifest = dict(manifest)
+        if calibration is not None:
+            manifest["statistics"] = _write_statistics(tmp / STATISTICS, calibration)
         manifest.update({
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "unit": ranking.unit, "coverage": round(ranking.coverage, 6),
@@ -114,6 +121,17 @@ def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict
         })
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out)
+
+
+def _write_statistics(path: Path, calibration) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    ids = calibration.input_ids.to(torch.int32).contiguous()  # [samples, seq_len]
+    mask = calibration.attention_mask.to(torch.uint8).contiguous()  # [samples, seq_len]
+    save_file({"input_ids": ids, "attention_mask": mask}, str(path))
+    return {"file": STATISTICS, "kind": "calibration_windows", "samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]), "sha256": sha256_file(path)}
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,27 @@ class Artifact:
         """sha256 of the manifest, which holds the digests of every file: pins the whole artifact."""
         return sha256_file(self.path / MANIFEST)
 
+    def statistics(self):
+        """(input_ids [N, T] int64, attention_mask [N, T] bool) of the calibration windows the artifact records for
+        load-time corrections, or None for an artifact written without them. Untrusted: the file must be the one
+        the manifest names with its digest, and dtypes, shapes and token ids are checked before use."""
+        st = self.manifest.get("statistics")
+        if st is None:
+            return None
+        from .safetensors_file import ShardFile
+
+        where = self.path / MANIFEST
+        if not isinstance(st, dict) or st.get("file") != STATISTICS or st.get("kind") != "calibration_windows":
+            raise ArtifactError(f"{where}: `statistics` is not a record of {STATISTICS}; the artifact is damaged")
+        path = inside(self.path, STATISTICS, "statistics file")
+        if sha256_file(path) != st.get("sha256") or self.manifest.get("files", {}).get(STATISTICS) != st["sha256"]:
+            raise ArtifactError(f"{path}: its digest is not the one the manifest records; the artifact is damaged")
+        with ShardFile(path) as f:
+            if set(f.keys()) != {"input_ids", "attention_mask"}:
+                raise ArtifactError(f"{path}: holds {sorted(f.keys())}, not input_ids and attention_mask")
+            ids, mask = f.read("input_ids"), f.read("attention_mask")
+        return _checked_windows(path, ids, mask, self.config)
+
     def verify_weights(self, use_record: bool = True) -> None:
         """The weight files (and their index) have the sha256 the manifest records. A file verified on this
         machine and unchanged since is not read again unless `use_record=False`."""
@@ -141,6 +180,24 @@ class Artifact:
         verify_files(self.weights_dir, w["sha256"], "weight file", links_may_leave=not w["copied"],
                      use_record=use_record)
         check_weights_dir(self.weights_dir, links_may_leave=not w["copied"])
+
+
+def _checked_windows(path: Path, ids, mask, config):
+    import torch
+
+    vocab = int(config.vocab_size)
+    max_len = int(getattr(config, "max_position_embeddings", 0) or 0)
+    problem = None
+    if ids.dtype != torch.int32 or mask.dtype != torch.uint8 or ids.dim() != 2 or ids.shape != mask.shape:
+        problem = f"input_ids {ids.dtype} {tuple(ids.shape)} / attention_mask {mask.dtype} {tuple(mask.shape)}"
+    elif ids.numel() == 0 or ids.numel() > MAX_STATISTICS_TOKENS or (max_len and ids.shape[1] > max_len):
+        problem = f"{tuple(ids.shape)} windows (at most {MAX_STATISTICS_TOKENS} tokens of <= {max_len})"
+    elif int(ids.min()) < 0 or int(ids.max()) >= vocab or int(mask.max()) > 1:
+        problem = f"token ids outside 0..{vocab - 1} or a mask not 0/1"
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; expected int32 ids and a uint8 mask [samples, seq_len]; the "
+                            "artifact is damaged or crafted")
+    return ids.long(), mask.bool()
 
 
 def read_manifest(path: Path) -> dict:

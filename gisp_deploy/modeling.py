@@ -14,6 +14,9 @@ heads are laid out group by group, kept heads in original order, then that group
 A layer with no query head has no attention (`EmptyAttention`: o_proj bias, else zero); a layer with
 no channel has no MLP (`EmptyMLP`: down_proj bias, else zero).
 
+A corrected slice (`gisp-deploy load/export --refit`, `config.gisp_refit` = {"name": ..., ...}) has refitted
+kept columns of o_proj and down_proj and a bias on both, whatever the family's bias rules say.
+
 Per family there is a config class and a model class (`GispLlamaConfig` / `GispLlamaForCausalLM`,
 model_type "gisp_llama"; likewise Mistral, Qwen2, Qwen3): the family's own classes, with the layers
 shrunk per `config.gisp_layers` before `post_init`. Importing this module as `gisp_deploy.modeling`
@@ -137,19 +140,23 @@ class EmptyMLP(nn.Module):
         return torch.zeros_like(x) if self.down_proj is None else self.down_proj.bias.expand_as(x)
 
 
-def _resized(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+def _resized(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None,
+             bias: bool = False) -> nn.Linear:
     return nn.Linear(lin.in_features if in_features is None else in_features,
                      lin.out_features if out_features is None else out_features,
-                     bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+                     bias=bias or lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
 
 
-def shrink_layer(block: nn.Module, q_heads: int, kv_heads: int, intermediate: int, head_dim: int) -> None:
-    """Resize one decoder layer in place: q/o to `q_heads` heads, k/v to `kv_heads`, MLP to `intermediate`."""
+def shrink_layer(block: nn.Module, q_heads: int, kv_heads: int, intermediate: int, head_dim: int,
+                 consumer_bias: bool = False) -> None:
+    """Resize one decoder layer in place: q/o to `q_heads` heads, k/v to `kv_heads`, MLP to `intermediate`;
+    `consumer_bias`: o_proj and down_proj get a bias (a corrected slice's)."""
     attn, mlp = block.self_attn, block.mlp
     if q_heads == 0:
         if kv_heads:
             raise ValueError(f"layer {attn.layer_idx}: {kv_heads} KV heads kept without any query head")
-        block.self_attn = EmptyAttention(attn.layer_idx, attn.o_proj.out_features, attn.o_proj.bias is not None)
+        block.self_attn = EmptyAttention(attn.layer_idx, attn.o_proj.out_features,
+                                         consumer_bias or attn.o_proj.bias is not None)
     else:
         if kv_heads < 1 or q_heads % kv_heads:
             raise ValueError(f"layer {attn.layer_idx}: {q_heads} query heads do not split evenly over {kv_heads} "
@@ -157,14 +164,14 @@ def shrink_layer(block: nn.Module, q_heads: int, kv_heads: int, intermediate: in
         attn.q_proj = _resized(attn.q_proj, out_features=q_heads * head_dim)
         attn.k_proj = _resized(attn.k_proj, out_features=kv_heads * head_dim)
         attn.v_proj = _resized(attn.v_proj, out_features=kv_heads * head_dim)
-        attn.o_proj = _resized(attn.o_proj, in_features=q_heads * head_dim)
+        attn.o_proj = _resized(attn.o_proj, in_features=q_heads * head_dim, bias=consumer_bias)
         attn.num_key_value_groups = q_heads // kv_heads  # eager and sdpa repeat_kv read this
     if intermediate == 0:
-        block.mlp = EmptyMLP(mlp.down_proj.out_features, mlp.down_proj.bias is not None)
+        block.mlp = EmptyMLP(mlp.down_proj.out_features, consumer_bias or mlp.down_proj.bias is not None)
     else:
         mlp.gate_proj = _resized(mlp.gate_proj, out_features=intermediate)
         mlp.up_proj = _resized(mlp.up_proj, out_features=intermediate)
-        mlp.down_proj = _resized(mlp.down_proj, in_features=intermediate)
+        mlp.down_proj = _resized(mlp.down_proj, in_features=intermediate, bias=consumer_bias)
         mlp.intermediate_size = intermediate
 
 
@@ -175,8 +182,10 @@ def shrink_model(model: nn.Module) -> None:
     if not isinstance(layers, (list, tuple)) or len(layers) != len(model.model.layers):
         raise ValueError(f"config has no valid {CONFIG_KEY!r} (one entry per decoder layer, "
                          f"{len(model.model.layers)} here); build it with compact_config")
+    corrected = bool(getattr(config, "gisp_refit", None))
     for block, spec in zip(model.model.layers, layers):
-        shrink_layer(block, spec["q_heads"], spec["kv_heads"], spec["intermediate"], config.head_dim)
+        shrink_layer(block, spec["q_heads"], spec["kv_heads"], spec["intermediate"], config.head_dim,
+                     consumer_bias=corrected)
 
 
 class _CompactLayers:
@@ -195,24 +204,28 @@ class GispLlamaConfig(LlamaConfig):
     model_type = "gisp_llama"
     gisp_layers: list | None = None  # per-layer widths, see the module docstring
     gisp_slice: dict | None = None  # provenance: unit, sparsity requested / achieved, source artifact...
+    gisp_refit: dict | None = None  # a corrected slice: {"name", "ridge", "statistics_sha256"}; None = plain
 
 
 class GispMistralConfig(MistralConfig):
     model_type = "gisp_mistral"
     gisp_layers: list | None = None
     gisp_slice: dict | None = None
+    gisp_refit: dict | None = None
 
 
 class GispQwen2Config(Qwen2Config):
     model_type = "gisp_qwen2"
     gisp_layers: list | None = None
     gisp_slice: dict | None = None
+    gisp_refit: dict | None = None
 
 
 class GispQwen3Config(Qwen3Config):
     model_type = "gisp_qwen3"
     gisp_layers: list | None = None
     gisp_slice: dict | None = None
+    gisp_refit: dict | None = None
 
 
 class GispLlamaForCausalLM(_CompactLayers, LlamaForCausalLM):

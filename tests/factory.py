@@ -86,16 +86,29 @@ def dense_model(path):
 class Source:
     """A tiny model, its artifact (random ranking, every layer prunable) and the dense model for the oracle."""
 
-    def __init__(self, model_dir, dense, root, unit):
+    def __init__(self, model_dir, dense, root, unit, calibration=None):
         self.dense, self.shape = dense, ModelShape.from_config(dense.config)
         cfg = PruneConfig(method="random", unit=unit, max_sparsity=0.7, protect_first=0, protect_last=0)
         ranking = prune(dense, self.shape, None, cfg)
-        self.artifact = load_artifact(write_artifact(root / f"art-{unit}", model_dir, ranking, {"method": "random"}))
+        name = f"art-{unit}" + ("-calibrated" if calibration is not None else "")
+        self.artifact = load_artifact(write_artifact(root / name, model_dir, ranking, {"method": "random"},
+                                                     calibration=calibration))
 
     def oracle(self, plan):
         model = copy.deepcopy(self.dense)
         apply_oracle(model, plan)
         return model
+
+
+def calibration_windows(samples=24, length=12, seed=1, padded_row=3):
+    """Calibration windows as prune records them (a data.Calibration); one row right-padded."""
+    from gisp_deploy.data import Calibration
+
+    ids = torch.randint(3, 8000, (samples, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if padded_row is not None:
+        mask[padded_row, length * 2 // 3:] = 0
+    return Calibration(ids, mask, mask, torch.full((samples,), 1.0 / samples, dtype=torch.float64), "lm", ())
 
 
 def probe_ids(batch=2, length=10, seed=0):

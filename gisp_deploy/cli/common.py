@@ -161,3 +161,10 @@ def lm_eval_limit_option() -> int:
 
 def num_fewshot_option():
     return typer.Option(None, help="Few-shot examples per lm-eval item (default: each task's own, usually 0).")
+
+
+def refit_option() -> str:
+    return typer.Option("none", "--refit", help="Load-time correction of each slice from the artifact's calibration "
+                        "windows: none (the plain slice) | ls (least squares of o_proj / down_proj from the dense "
+                        "model's input moments) | ec (error-correcting: layer by layer, the dense output regressed "
+                        "on the corrected slice's inputs). Artifacts without windows load plain, with a notice.")

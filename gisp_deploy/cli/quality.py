@@ -15,7 +15,7 @@ from rich.table import Table
 from .common import (alias_option, batch_size_option, channel_multiple_option, console, device_option, dtype_option,
                      max_tokens_option, progress_bar, task_option, text_option, tp_size_option, verify_option)
 from .common import pass_reporter
-from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option
+from .common import lm_eval_limit_option, lm_eval_tasks_option, num_fewshot_option, refit_option
 
 EVAL_EXAMPLES = """
 [bold]Examples[/]
@@ -30,6 +30,8 @@ EVAL_EXAMPLES = """
       --lm-eval-tasks hellaswag,arc_easy
   gisp-deploy eval llama3-gisp --sparsities 0,0.4 \\
       --lm-eval-tasks examples/lm-eval/persuasion_continuation.yaml
+  gisp-deploy eval llama3-gisp --sparsities 0.4,0.5 --refit ec \\
+      --text heldout/persuasion.txt.gz
 """
 
 
@@ -54,9 +56,11 @@ def eval_(
     lm_eval_tasks: str = lm_eval_tasks_option(),
     lm_eval_limit: int = lm_eval_limit_option(),
     num_fewshot: Optional[int] = num_fewshot_option(),
+    refit: str = refit_option(),
 ):
     """Held-out perplexity and task accuracy of slices of an artifact (and lm-eval tasks)."""
-    from ..arguments import check_device, check_dtype, check_max_tokens, parse_ints, parse_sparsities, require_local
+    from ..arguments import (check_device, check_dtype, check_max_tokens, check_refit, parse_ints, parse_sparsities,
+                             require_local)
     from ..artifact import read_manifest
 
     if not text and not task and not lm_eval_tasks:
@@ -67,6 +71,7 @@ def eval_(
     check_max_tokens(max_tokens, lens)
     check_dtype(dtype, auto=False)
     check_device(device)
+    check_refit(refit)
     if path not in ("compact", "oracle"):
         raise ValueError(f"--path {path!r}: choose compact or oracle")
     require_local(text, "--text")
@@ -94,7 +99,8 @@ def eval_(
                                   dtype=pick_dtype(dtype, dev), tp_size=tp_size, channel_multiple=channel_multiple,
                                   max_tokens=max_tokens or None, batch_size=batch_size,
                                   progress=pass_reporter(progress), tasks=[str(t) for t in task],
-                                  lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit or None, num_fewshot=num_fewshot)
+                                  lm_eval_tasks=lm_eval, lm_eval_limit=lm_eval_limit or None, num_fewshot=num_fewshot,
+                                  refit=refit)
     if as_json:
         sys.stdout.write(json.dumps({"artifact": str(artifact), "method": art.manifest.get("method"),
                                      "results": records}) + "\n")

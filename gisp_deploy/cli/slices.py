@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .common import (alias_option, channel_multiple_option, console, expect_digest_option, fit_memory_option,
                      fit_params_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
-                     reserve_option, tp_size_option, verify_option)
+                     refit_option, reserve_option, tp_size_option, verify_option)
 
 INSPECT_EXAMPLES = """
 [bold]Examples[/]
@@ -116,6 +116,9 @@ EXPORT_EXAMPLES = """
   gisp-deploy export llama3-gisp --sparsity 0.4 --tp-size 2 \\
       --channel-multiple 128 --dtype bfloat16 --out llama3-40-tp2
 
+  # the 40% slice with its o_proj / down_proj refitted (error-correcting)
+  gisp-deploy export llama3-gisp --sparsity 0.4 --refit ec --out llama3-40ec
+
   # the largest slice whose weights and 8k x 4 KV cache fit 24 GiB
   gisp-deploy export llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
       --max-num-seqs 4 --dtype bfloat16 --out llama3-24g
@@ -143,10 +146,11 @@ def export(
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
     reserve: str = reserve_option(),
+    refit: str = refit_option(),
 ):
     """Write one slice as a Hugging Face model directory (compact safetensors, tokenizer, config.json with
     per-layer sizes) that AutoModelForCausalLM loads."""
-    from ..arguments import check_dtype, check_one_size, parse_sparsities
+    from ..arguments import check_dtype, check_one_size, check_refit, parse_sparsities
     from ..artifact import read_manifest
 
     check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
@@ -156,6 +160,7 @@ def export(
         parse_sparsities(sparsity)
     memory, params = check_budget(fit_memory, fit_params, kv_cache_dtype, reserve)
     check_dtype(dtype)
+    check_refit(refit)
     read_manifest(artifact)
 
     from ..slicing.export import export_slice
@@ -164,12 +169,13 @@ def export(
                    reserve=reserve)
     summary = export_slice(artifact, out, sparsity, tp_size=tp_size, channel_multiple=channel_multiple, dtype=dtype,
                            overwrite=overwrite, verify=verify, expect_digest=expect_digest, fit_memory=memory,
-                           fit_params=params, fit_options=options)
+                           fit_params=params, fit_options=options, refit=refit)
     console.print(
         f"[green]wrote[/] {summary['out']}: {summary['architecture']}, sparsity {summary['sparsity']:g}"
         f"{' (the largest slice that fits the budget)' if memory or params else ''} "
         f"(achieved {summary['achieved_sparsity']:.4f}), {summary['parameters'] / 1e6:.2f}M parameters, "
-        f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)",
+        f"{summary['weight_bytes'] / 2**20:.1f} MiB {summary['dtype']} in {len(summary['weight_files'])} file(s)"
+        + (f", corrected ({summary['refit']['name']})" if summary["refit"] else ""),
         soft_wrap=True)
 
 

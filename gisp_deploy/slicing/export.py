@@ -8,6 +8,8 @@ copy of gisp_deploy/modeling.py as `modeling_gisp.py`, and a config.json with
 - `gisp_layers`: per-layer widths (see modeling.py), from which the model classes build the layers;
 - `gisp_slice`: provenance (source artifact, method, unit, sparsity requested / achieved, rounding,
   ranking sha256 from the artifact manifest, gisp-deploy version);
+- `gisp_refit` (a corrected slice, `--refit ls|ec`): the correction's name, ridge and the sha256 of the
+  statistics it was computed from; o_proj / down_proj then hold the refitted weights and a bias;
 - `auto_map` pointing at modeling_gisp.py, so `AutoModelForCausalLM.from_pretrained(dir,
   trust_remote_code=True)` works where gisp-deploy is not installed (AutoTokenizer needs the flag there too:
   it opens config.json first, whose class is in modeling_gisp.py; README, "Loading an export without
@@ -32,6 +34,7 @@ from ..integrity import inside
 from ..output import atomic_dir, ensure_writable_parent, output_lock, refuse_destination, sweep_stale
 from ..plan import SlicePlan, plan_slice
 from ..arguments import SparsityError, parse_sparsities
+from ..refit import DEFAULT_RIDGE
 from .loader import load
 
 REMOTE_CODE_FILE = "modeling_gisp.py"
@@ -75,7 +78,7 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
                  channel_multiple: int = 1, dtype="auto", overwrite: bool = False,
                  max_shard_size: str | int = MAX_SHARD_SIZE, verify: bool = True,
                  expect_digest: str | None = None, fit_memory=None, fit_params=None,
-                 fit_options: dict | None = None) -> dict:
+                 fit_options: dict | None = None, refit: str = "none", ridge: float = DEFAULT_RIDGE) -> dict:
     """Write the slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
     `fit_memory` / `fit_params`: budget.fit, with `fit_options` its other keywords) to `out` as a Hugging Face
     model directory (see the module docstring); returns a summary."""
@@ -100,7 +103,7 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
     elif plan.shape != art.shape:
         raise ValueError("the plan was made for a model of another shape than the artifact's")
     _check_out(out, art, overwrite)
-    model = load(art, plan=plan, dtype=torch_dtype)
+    model = load(art, plan=plan, dtype=torch_dtype, refit=refit, ridge=ridge)  # corrected: config.gisp_refit says so
     config = model.config
     config_cls, model_cls = type(config), type(model)
     config.architectures = [model_cls.__name__]
@@ -125,5 +128,6 @@ def export_slice(artifact, out, sparsity: float | None = None, *, plan: SlicePla
             "dtype": str(torch_dtype).replace("torch.", ""),
             "parameters": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(f.stat().st_size for f in weights), "weight_files": [f.name for f in weights],
+            "refit": config.gisp_refit,
         }
     return summary

@@ -10,6 +10,7 @@ rows and one for columns. A slice that keeps everything is memory-mapped, as tra
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -21,8 +22,11 @@ from ..hf import pick_device
 from ..layout import kept, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
+from ..refit import DEFAULT_RIDGE
+from .correction import correct, refit_record, statistics_or_notice
 from .weights import WeightReader
 
+CORRECTION_BIASES = ("o_proj.bias", "down_proj.bias")  # a corrected slice has them whatever its family's rules
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 
 
@@ -39,6 +43,9 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     tied = set(_tied_keys(model))
     metas = {k: v for k, v in model.state_dict().items() if k not in tied}  # tied: set by tie_weights after loading
     sd: dict[str, torch.Tensor] = {}
+
+    for key in [k for k in metas if k.endswith(CORRECTION_BIASES) and k not in reader]:
+        sd[key] = torch.zeros(metas.pop(key).shape, device=device, dtype=dtype)  # a corrected slice's own bias
 
     def finish(key: str, t: torch.Tensor) -> None:
         meta = metas[key]
@@ -111,12 +118,14 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
          tp_size: int = 1, channel_multiple: int = 1, plan: SlicePlan | None = None,
          attn_implementation: str | None = None, gather: str = "auto", verify: bool = True,
          expect_digest: str | None = None, fit_memory=None, fit_params=None,
-         fit_options: dict | None = None) -> nn.Module:
+         fit_options: dict | None = None, refit: str = "none", ridge: float = DEFAULT_RIDGE) -> nn.Module:
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
     `fit_memory` / `fit_params`: budget.fit, with `fit_options` its other keywords) as a compact model;
     `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
     gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
-    CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests)."""
+    CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests).
+    refit="ls" | "ec" corrects o_proj / down_proj from the artifact's calibration windows (slicing/correction.py,
+    `ridge` relative, see gisp_deploy/refit.py); an artifact without them loads plain, with a notice."""
     device = pick_device(str(device))  # "cuda" without a GPU: one clear error before any work, not pin_memory's
     if not hasattr(artifact, "ranking"):  # an Artifact object was verified when it was loaded
         artifact = load_artifact(artifact, verify=verify, expect_digest=expect_digest)
@@ -130,8 +139,13 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
         raise ValueError("the plan was made for a model of another shape than the artifact's")
     if gather not in ("auto", "device"):
         raise ValueError(f"gather={gather!r}: choose auto or device")
+    if refit not in ("none", "ls", "ec"):
+        raise ValueError(f"refit={refit!r}: choose none, ls or ec")
+    windows = statistics_or_notice(artifact, refit)
     layouts = plan_layouts(plan)
     config = compact_config(artifact.config, plan, dtype)
+    if windows is not None:
+        config.gisp_refit = refit_record(refit, ridge, artifact)
     model = build_model(config, attn_implementation)
     read_dev = "cpu" if device.type == "cpu" else str(device)
     from_source = not artifact.manifest["weights"]["copied"]
@@ -152,6 +166,11 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     if left:
         raise ArtifactError(f"parameters left unloaded: {left}")
     model.eval()
+    if windows is not None:
+        dense_config = copy.deepcopy(artifact.config)
+        dense_config._attn_implementation = model.config._attn_implementation
+        with WeightReader(artifact.weights_dir, "cpu", links_may_leave=from_source) as reader:
+            correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim)
     _load_generation_config(model, artifact.path)
     return model
 
