@@ -28,6 +28,20 @@ def check_score(score: str, method: str = "gisp", objective: str = "lm") -> str:
     return score
 
 
+# prune --in-loop-refit: the correction GISP applies between its steps (pruning/refitting.py)
+IN_LOOP_REFITS = ("none", "ls")
+
+
+def check_in_loop_refit(name: str, method: str = "gisp") -> str:
+    if name not in IN_LOOP_REFITS:
+        raise ValueError(f"--in-loop-refit {name!r}: choose {', '.join(IN_LOOP_REFITS)}")
+    if name != "none" and method not in GRADIENT_METHODS:
+        raise ValueError(f"--in-loop-refit {name} refits between the steps of {' and '.join(GRADIENT_METHODS)}; "
+                         f"method {method} takes no steps: drop --in-loop-refit (a slice of it can still be "
+                         "loaded with --refit)")
+    return name
+
+
 class SparsityError(ValueError):
     pass
 

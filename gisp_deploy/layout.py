@@ -19,6 +19,17 @@ def head_rows(heads, head_dim: int) -> list[int]:
     return [h * head_dim + d if h >= 0 else -1 for h in heads for d in range(head_dim)]
 
 
+def consumer_inputs(lay, head_dim: int) -> dict[str, tuple[list[int], list[int]]]:
+    """proj -> (dense input indices K, their positions among the compact layer's inputs) of o_proj and
+    down_proj under the layout `lay` (modeling.LayerLayout): real inputs only, dummies left out. The refit of
+    a slice (slicing/correction.py) and GISP's in-loop refit (pruning/refitting.py) both write through it."""
+    out = {}
+    for proj, src in (("o_proj", head_rows(lay.q_src, head_dim)), ("down_proj", list(lay.channels))):
+        pos = [i for i, p in enumerate(src) if p >= 0]
+        out[proj] = ([src[i] for i in pos], pos)
+    return out
+
+
 def runs(idx: list[int]) -> list[tuple[int, int]]:
     """[2, 3, 4, 9, 10] -> [(2, 5), (9, 11)]: maximal runs of consecutive indices as half-open ranges."""
     out: list[list[int]] = []

@@ -31,10 +31,9 @@ NEEDS_CALIBRATION = ("gisp", "oneshot", "wanda-sp")
 
 def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "lm", unit: str = "q_head",
           steps: int = 20, max_sparsity: float = 0.6, schedule: str = "params", normalization: str | None = None,
-          score: str = "first", protect_first: float = 0.1, protect_last: int = 1, samples: int = 128,
-          seq_len: int = 256, batch_size: int | str | None = "auto", seed: int = 0, device: str = "auto",
-          device_map: str | None = None,
-          dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
+          score: str = "first", in_loop_refit: str = "none", protect_first: float = 0.1, protect_last: int = 1,
+          samples: int = 128, seq_len: int = 256, batch_size: int | str | None = "auto", seed: int = 0,
+          device: str = "auto", device_map: str | None = None, dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
           copy_weights: bool = True, ranks: Ranks | None = None, on_pass=None, log=print) -> dict:
     """`gisp-deploy prune` from Python: rank every head and channel of `model` (a local Hugging Face
     directory) and write the artifact `out`; returns the closing summary. Every option is the command's
@@ -46,8 +45,8 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
             raise ValueError(f"--batch-size {batch_size!r}: give a number of sequences, or auto")
         batch_size = int(batch_size)
     cfg = PruneConfig(method=method, unit=unit, objective=objective, steps=steps, max_sparsity=max_sparsity,
-                      schedule=schedule, normalization=normalization, score=score, protect_first=protect_first,
-                      protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
+                      schedule=schedule, normalization=normalization, score=score, in_loop_refit=in_loop_refit,
+                      protect_first=protect_first, protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
     options = ComputeOptions(compute, ranks=ranks or Ranks.from_env())
     return run_prune(model, list(calib), Path(out), cfg, device=device, dtype=dtype, device_map=device_map,
                      compute=options, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
@@ -182,6 +181,8 @@ def _manifest(cfg: PruneConfig, run_cfg: PruneConfig, shape: ModelShape, calib, 
         "schedule": {"kind": cfg.schedule, "steps": cfg.steps if cfg.method == "gisp" else 1,
                      "max_sparsity": cfg.max_sparsity},
         "normalization": cfg.normalization, "score": cfg.score if cfg.method in GRADIENT_METHODS else None,
+        "in_loop_refit": (None if cfg.in_loop_refit == "none"
+                          else {"name": cfg.in_loop_refit, "ridge": cfg.in_loop_ridge}),
         "seed": cfg.seed,
         "protected_layers": cfg.protected_layers(shape.num_layers),
         "calibration": calib.fingerprint if calib else None,

@@ -109,29 +109,40 @@ def normalize(heads: torch.Tensor, channels: torch.Tensor, shape: ModelShape, un
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, shape: ModelShape, calib, batch_size: int, progress=None):
-    """‖X_j‖₂ over all calibration tokens of the inputs of o_proj and down_proj, per layer: Wanda-sp's statistic."""
-    sq: dict[str, torch.Tensor] = {}
+def consumer_input_pass(model: nn.Module, shape: ModelShape, calib, batch_size: int, add, progress=None,
+                        layers=None) -> None:
+    """One forward pass over `calib`: add(layer, proj, x) is handed the inputs x [n, in] of o_proj and down_proj
+    of each of `layers` (default all) at the real (attention-mask) tokens of every micro-batch."""
     state = {}
     handles = []
-    for layer in range(shape.num_layers):
+    for layer in range(shape.num_layers) if layers is None else layers:
         attn, mlp = layer_modules(model, layer)
-        for key, mod in ((f"{layer}.o", attn.o_proj), (f"{layer}.down", mlp.down_proj)):
-            def hook(_m, args, key=key):
-                x = args[0].float()  # [B, T, in]
-                m = state["mask"].to(x.device, torch.float32).unsqueeze(-1)  # [B, T, 1]
-                sq[key] = sq.get(key, 0) + (x.pow(2) * m).sum((0, 1))
+        for proj, mod in (("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
+            def hook(_m, args, layer=layer, proj=proj):
+                x = args[0]  # [B, T, in]
+                add(layer, proj, x[state["mask"].to(x.device)])  # [n, in]
             handles.append(mod.register_forward_pre_hook(hook))
     dev = next(model.parameters()).device
     try:
         for ids, att, _lm, _w in calib.batches(batch_size):
-            state["mask"] = att
+            state["mask"] = att.bool()
             model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False)
             if progress is not None:
                 progress(int(ids.numel()))
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_norms(model: nn.Module, shape: ModelShape, calib, batch_size: int, progress=None):
+    """‖X_j‖₂ over all calibration tokens of the inputs of o_proj and down_proj, per layer: Wanda-sp's statistic."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def add(layer, proj, x):
+        key = f"{layer}.{'o' if proj == 'o_proj' else 'down'}"
+        sq[key] = sq.get(key, 0) + x.float().pow(2).sum(0)
+
+    consumer_input_pass(model, shape, calib, batch_size, add, progress)
     return {k: v.sqrt() for k, v in sq.items()}
 
 

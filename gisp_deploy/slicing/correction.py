@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..layout import head_rows
+from ..layout import consumer_inputs
 from ..refit import DEFAULT_RIDGE, Moments, error_correcting, least_squares
 
 _NOTICED: set = set()
@@ -43,15 +43,6 @@ def statistics_or_notice(artifact, refit: str):
 def refit_record(name: str, ridge: float, artifact) -> dict:
     """What a corrected slice's config records (`gisp_refit`)."""
     return {"name": name, "ridge": ridge, "statistics_sha256": artifact.manifest["statistics"]["sha256"]}
-
-
-def consumer_inputs(lay, head_dim: int) -> dict[str, tuple[list[int], list[int]]]:
-    """proj -> (dense input indices K, their positions among the compact layer's inputs): real inputs only."""
-    out = {}
-    for proj, src in (("o_proj", head_rows(lay.q_src, head_dim)), ("down_proj", list(lay.channels))):
-        pos = [i for i, p in enumerate(src) if p >= 0]
-        out[proj] = ([src[i] for i in pos], pos)
-    return out
 
 
 @torch.no_grad()
