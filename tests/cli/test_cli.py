@@ -253,6 +253,9 @@ BAD_ARGUMENTS = [
     (["bench", "{art}", "--batch-sizes", "0", "--speed"], "--batch-sizes '0'"),
     (["bench", "{art}", "{missing}"], "no such artifact directory"),
     (["prune", "{model}", "--calib", "calib.txt", "--out", "{tmp}/y"], "--calib calib.txt: no such file"),
+    (["prune", "{model}", "--score", "third", "--out", "{tmp}/y"], "--score 'third': choose first, second, mix"),
+    (["prune", "{model}", "--score", "mix", "--objective", "margin", "--out", "{tmp}/y"], "needs a loss to expand"),
+    (["prune", "{model}", "--in-loop-refit", "ls", "--method", "wanda-sp", "--out", "{tmp}/y"], "takes no steps"),
     (["make-task", "{model}", "--text", "nothere.txt", "--out", "{tmp}/t"], "--text nothere.txt"),
     (["inspect", "{model}"], "a model directory, not a gisp-deploy artifact"),
 ]
