@@ -2,7 +2,10 @@
 
     python bench/scores_table.py NAME=ARTIFACT [NAME=ARTIFACT ...] [--refits none,ls] [--baseline gisp]
         [--sparsities 0.2,0.3,0.4,0.5] [--max-tokens 65536] [--task bench/tasks/continuation-test.margin.jsonl]
-        [--out bench/results/scores]
+        [--include OTHER/results.json ...] [--out bench/results/scores]
+
+--include adds the records (and commands) of earlier runs of this script, so artifacts evaluated as they
+finished make one table; NAME=ARTIFACT:REFITS evaluates that artifact with its own refits (e.g. loop=DIR:ls).
 
 Every (artifact, refit) pair is one `gisp-deploy eval --json` over both held-out texts (128-token windows); the
 exact commands are written next to the numbers. Each perplexity is also given relative to the baseline's plain
@@ -75,7 +78,8 @@ def table(results: list[dict], sparsities: list[float]) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifacts", nargs="+", help="NAME=ARTIFACT_DIR")
+    ap.add_argument("artifacts", nargs="*", help="NAME=ARTIFACT_DIR[:REFITS]")
+    ap.add_argument("--include", nargs="*", default=[], help="results.json files of earlier runs")
     ap.add_argument("--refits", default="none,ls")
     ap.add_argument("--baseline", default="gisp", help="NAME whose plain slices the ratios divide by")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
@@ -91,8 +95,15 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
     results = []
+    for earlier in args.include:
+        data = json.loads(Path(earlier).read_text())
+        log += data["commands"]
+        for r in data["results"]:
+            r.pop("vs_baseline", None)  # recomputed against this table's baseline
+            results.append(r)
     for name, artifact in pairs:
-        for refit in args.refits.split(","):
+        artifact, _, refits = artifact.partition(":")
+        for refit in (refits or args.refits).split(","):
             results += evaluate(name, artifact, refit, args, log)
     relative(results, args.baseline)
     sps = [float(s) for s in args.sparsities.split(",")]
