@@ -19,23 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from methods_table import run  # bench/ is this script's directory: runs and logs one CLI command
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT.parent / "shared" / "data" / "heldout"
 TEXTS = [HELDOUT / "persuasion.txt.gz", HELDOUT / "treasury_of_david_tail.txt.gz"]
-
-
-def run(cmd: list[str], log: list) -> str:
-    log.append(shlex.join(cmd))
-    print("$", shlex.join(cmd), flush=True)
-    t = time.perf_counter()
-    res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-    return res.stdout
 
 
 def evaluate(name: str, artifact: str, refit: str, args, log: list) -> list[dict]:
