@@ -100,8 +100,8 @@ def main():
     sps = [float(s) for s in args.sparsities.split(",")]
     (out / "results.json").write_text(json.dumps({"command": shlex.join(sys.argv), "commands": log,
                                                   "results": results}, indent=2))
-    lines = [f"Held-out perplexity (128-token windows, first {args.max_tokens:,} tokens of each text, fp32) and "
-             "task accuracy; in brackets: perplexity / the baseline's plain slice "
+    lines = [f"Held-out perplexity (128-token windows, first {args.max_tokens:,} tokens of each text, fp32)"
+             + (" and task accuracy" if args.task else "") + "; in brackets: perplexity / the baseline's plain slice "
              f"({args.baseline}, refit none) at the same sparsity and text.", "", *table(results, sps), "",
              "Produced by:", "", "    " + shlex.join(sys.argv), "", "Commands:", ""]
     lines += ["    " + c for c in log]
