@@ -10,6 +10,38 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfl
                "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}  # name -> torch's
 
 
+# prune --score: the Taylor terms a gradient method ranks by (pruning.scoring.taylor_importance)
+SCORES = ("first", "second", "mix")
+GRADIENT_METHODS = ("gisp", "oneshot")  # the methods --score applies to
+
+
+def check_score(score: str, method: str = "gisp", objective: str = "lm") -> str:
+    """A --score name that the method and objective can use (second order expands a loss: not the margin's)."""
+    if score not in SCORES:
+        raise ValueError(f"--score {score!r}: choose {', '.join(SCORES)}")
+    if score != "first" and method not in GRADIENT_METHODS:
+        raise ValueError(f"--score {score} applies to {' and '.join(GRADIENT_METHODS)}; method {method} has a "
+                         "score of its own: drop --score")
+    if score != "first" and objective == "margin":
+        raise ValueError(f"--score {score} needs a loss to expand (--objective lm or answer); the margin objective "
+                         "is a difference of two gradients: use --score first with it")
+    return score
+
+
+# prune --in-loop-refit: the correction GISP applies between its steps (pruning/refitting.py)
+IN_LOOP_REFITS = ("none", "ls")
+
+
+def check_in_loop_refit(name: str, method: str = "gisp") -> str:
+    if name not in IN_LOOP_REFITS:
+        raise ValueError(f"--in-loop-refit {name!r}: choose {', '.join(IN_LOOP_REFITS)}")
+    if name != "none" and method not in GRADIENT_METHODS:
+        raise ValueError(f"--in-loop-refit {name} refits between the steps of {' and '.join(GRADIENT_METHODS)}; "
+                         f"method {method} takes no steps: drop --in-loop-refit (a slice of it can still be "
+                         "loaded with --refit)")
+    return name
+
+
 class SparsityError(ValueError):
     pass
 

@@ -297,3 +297,21 @@ def run_cli(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProces
     """`gisp-deploy ARGS...` in a child process, its output captured as text."""
     return subprocess.run([sys.executable, "-m", "gisp_deploy.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+# ---- per-sequence gradients, independently of the scoring pass (second-order score tests)
+def per_sequence_grads(model, weights: dict, calib) -> list[dict]:
+    """∇ mean-NLL of each calibration sequence alone (its own forward and backward, loss-masked tokens, its
+    padding cut off), for each weight in `weights`; without the sequence weight w_i."""
+    import torch.nn.functional as F
+
+    out = []
+    for ids, att, lmask in zip(calib.input_ids, calib.attention_mask, calib.loss_mask):
+        n = int(att.sum())
+        x, targets = ids[:n].unsqueeze(0), ids[1:n]
+        logp = F.log_softmax(model(input_ids=x).logits.float(), -1)[0, :-1]  # [T-1, V]
+        mask = lmask[1:n].float()  # [T-1]
+        nll = -(logp.gather(1, targets.unsqueeze(1))[:, 0] * mask).sum() / mask.sum()
+        grads = torch.autograd.grad(nll, list(weights.values()))
+        out.append({k: g.float() for k, g in zip(weights, grads)})
+    return out

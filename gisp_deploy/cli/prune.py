@@ -26,6 +26,15 @@ PRUNE_EXAMPLES = """
   gisp-deploy prune ./model --objective margin --calib task.jsonl \\
       --out model-margin
 
+  # rank by the second-order Taylor estimate of the loss change,
+  # |W*G - 1/2 F*W^2|, F the diagonal Fisher of per-sequence gradients
+  gisp-deploy prune ./model --calib data/ --score mix --out model-mix
+
+  # refit o_proj / down_proj by least squares after every step, so
+  # the ranking is what `--refit ls` slices keep
+  gisp-deploy prune ./model --calib data/ --in-loop-refit ls \\
+      --out model-loop
+
   # a baseline that writes the same ranking format
   gisp-deploy prune ./model --method wanda-sp --calib data/ \\
       --out model-wanda
@@ -61,6 +70,14 @@ def prune(
                                  "(heads and channels differ in size)."),
     normalization: Optional[str] = typer.Option(None, help="reference (authors' block-wise constants) | params "
                                                 "(per scored weight) | none. Default: the method's own."),
+    score: str = typer.Option("first", help="Gradient methods' per-weight importance, summed per structure: first "
+                              "|W*G| (the paper's) | second 1/2 F*W^2 (F: diagonal Fisher, the mean over sequences "
+                              "of each one's squared gradient; one more weight-gradient of compute per pass) | mix "
+                              "|W*G - 1/2 F*W^2| (the loss change to second order)."),
+    in_loop_refit: str = typer.Option("none", help="none | ls: after each step, refit the kept columns of o_proj "
+                                      "and down_proj (plus a bias) by least squares from the dense model's input "
+                                      "moments, as `load --refit ls` does, so the next step scores the corrected "
+                                      "model. One extra forward pass; (H+1)^2 + (I+1)^2 fp64 values per layer."),
     protect_first: float = typer.Option(0.1, help="Never prune the first int(F x layers) layers."),
     protect_last: int = typer.Option(1, help="Never prune the last N layers."),
     samples: int = typer.Option(128, help="Calibration samples (windows, or JSONL records)."),
@@ -82,9 +99,11 @@ def prune(
                                       "the source path and sha256 instead."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
-    from ..arguments import check_device, check_dtype, require_local
+    from ..arguments import check_device, check_dtype, check_in_loop_refit, check_score, require_local
 
     require_local(calib, "--calib")  # what a typo can break, before the heavy imports
+    check_score(score, method, objective)
+    check_in_loop_refit(in_loop_refit, method)
     check_dtype(dtype)
     check_device(device)
     if batch_size != "auto" and not batch_size.isdigit():
@@ -102,9 +121,9 @@ def prune(
     try:
         with progress_bar() if ranks.is_main else contextlib.nullcontext() as progress:
             summary = run(model, calib=calib, out=out, method=method, objective=objective, unit=unit, steps=steps,
-                          max_sparsity=max_sparsity, schedule=schedule, normalization=normalization,
-                          protect_first=protect_first, protect_last=protect_last, samples=samples, seq_len=seq_len,
-                          batch_size=batch_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
+                          max_sparsity=max_sparsity, schedule=schedule, normalization=normalization, score=score,
+                          in_loop_refit=in_loop_refit, protect_first=protect_first, protect_last=protect_last,
+                          samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
                           compute=compute, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
                           ranks=ranks, on_pass=pass_reporter(progress) if progress else None,
                           log=(lambda m: progress.console.print(m)) if progress else (lambda m: None))

@@ -10,13 +10,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..arguments import check_in_loop_refit, check_score
 from ..data import Calibration
 from ..families import ModelShape
 from ..ranking import CHANNEL, HEAD, Ranking, RemovalCounter, build_ranking, check_unit, units_per_layer
+from ..refit import DEFAULT_RIDGE
 from .distributed import Ranks
-from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_gradient, scored_weights
-from .scoring import (NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores, normalize, scores_kv,
-                      wanda_scores, zero_structure)
+from .objectives import AUTO_BATCH_CPU, LeadingCache, fit_batch_size, objective_sums, scored_weights
+from .scoring import (NEEDS_FISHER, NORMALIZATIONS, gradient_scores, input_norms, magnitude_scores,
+                      normalize, scores_kv, wanda_scores, zero_structure)
+from .refitting import LoopRefit, refitted_layers
 from .shrinking import ShrinkingModel
 
 METHODS = ("gisp", "oneshot", "wanda-sp", "magnitude", "random")
@@ -38,6 +41,9 @@ class PruneConfig:
     max_sparsity: float = 0.6
     schedule: str = "params"
     normalization: str | None = None  # None: the method's default
+    score: str = "first"  # gradient methods: arguments.SCORES, the Taylor terms ranked by
+    in_loop_refit: str = "none"  # gradient methods: "ls" refits consumers between steps (refitting.py)
+    in_loop_ridge: float | None = None  # its ridge (refit.py); None: refit.DEFAULT_RIDGE when refitting
     protect_first: float = 0.1
     protect_last: int = 1
     seed: int = 0
@@ -55,6 +61,14 @@ class PruneConfig:
             object.__setattr__(self, "normalization", DEFAULT_NORMALIZATION[self.method])
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        check_score(self.score, self.method, self.objective)
+        check_in_loop_refit(self.in_loop_refit, self.method)
+        if self.in_loop_refit == "none":
+            object.__setattr__(self, "in_loop_ridge", None)
+        elif self.in_loop_ridge is None:
+            object.__setattr__(self, "in_loop_ridge", DEFAULT_RIDGE)
+        elif not (math.isfinite(self.in_loop_ridge) and self.in_loop_ridge >= 0):
+            raise ValueError(f"in_loop_ridge {self.in_loop_ridge} must be >= 0 (relative to the moments' diagonal)")
         if not (math.isfinite(self.max_sparsity) and 0 < self.max_sparsity < 1):
             raise ValueError(f"--max-sparsity {self.max_sparsity} must be a fraction in (0, 1), e.g. 0.6")
         if self.steps < 1:
@@ -237,17 +251,32 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         raise ValueError(f"method {cfg.method} needs calibration data")
     steps = 1 if cfg.method == "oneshot" else cfg.steps
     compact = compute.compute == "compact"
-    shrinking = ShrinkingModel(model, shape, cfg.unit, compute.channel_multiple) if compact else None
-    remover = Remover(None if compact else model, shape, cfg.unit, state)
     protected = cfg.protected_layers(shape.num_layers)
     unprotected = [l for l in range(shape.num_layers) if l not in set(protected)]
-    leading = LeadingCache(next(l for l in range(shape.num_layers + 1) if l not in protected)) if compact else None
     with_kv = scores_kv(shape, cfg.unit)
     per_step = math.ceil(cfg.max_sparsity * len(pool) / steps)
     batch_size = cfg.batch_size
+    fisher = cfg.score in NEEDS_FISHER
     ranks = compute.ranks
     local = ranks.shard(calib)
     reduce = ranks.sum if ranks.world > 1 else None
+    refit = None
+    if cfg.in_loop_refit == "ls":  # on the dense model: before a resumed run's removals are replayed
+        refit = LoopRefit(model, shape, cfg.unit, refitted_layers(shape, protected), cfg.in_loop_ridge)
+        if batch_size is None:
+            batch_size = fit_batch_size(model, scored_weights(model, shape, cfg.unit), local, fisher=fisher)
+        advance = on_pass("dense input moments", local.input_ids.numel()) if on_pass else None
+        refit.record(model, local, batch_size, advance, reduce)
+    shrinking = ShrinkingModel(model, shape, cfg.unit, compute.channel_multiple) if compact else None
+    remover = Remover(None if compact else model, shape, cfg.unit, state)
+    leading = LeadingCache(next(l for l in range(shape.num_layers + 1) if l not in protected)) if compact else None
+
+    def settle():
+        """Cut what is removed out of the compact model, and refit its consumers (in-loop refit)."""
+        if compact:
+            shrinking.cut(remover.done)
+        if refit is not None:
+            refit.apply(model, remover.done, shrinking.layouts if compact else None)
 
     def scores(layers, description):
         nonlocal batch_size
@@ -256,10 +285,13 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         else:
             weights = scored_weights(model, shape, cfg.unit, layers)
         if batch_size is None:
-            batch_size = fit_batch_size(model, weights, local)
+            batch_size = fit_batch_size(model, weights, local, fisher=fisher)
         advance = on_pass(description, local.input_ids.numel()) if on_pass else None
-        grads = objective_gradient(model, weights, local, batch_size, advance, leading, reduce)
-        raw = shrinking.scores(grads, layers, with_kv) if compact else gradient_scores(model, shape, cfg.unit, grads)
+        sums = objective_sums(model, weights, local, batch_size, advance, leading, reduce, fisher=fisher)
+        if compact:
+            raw = shrinking.scores(sums.grad, layers, with_kv, sums.fisher, cfg.score)
+        else:
+            raw = gradient_scores(model, shape, cfg.unit, sums.grad, fisher=sums.fisher, score=cfg.score)
         return normalize(*raw, shape, cfg.unit, cfg.normalization)
 
     step = state.step
@@ -270,8 +302,7 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         # them). The last step is known in advance under the params schedule; otherwise they get a pass of their
         # own once a step has reached the target, on the model that step scored (cut only at the next step).
         known_last = cfg.schedule == "params" and step >= steps
-        if compact:
-            shrinking.cut(remover.done)
+        settle()
         label = f"step {step}/{steps}" if step <= steps else f"step {step} (past --steps {steps})"
         heads, channels = scores(range(shape.num_layers) if known_last or not compact else unprotected,
                                  f"{label} scoring")
@@ -284,6 +315,8 @@ def _gisp(model, shape, calib, cfg, state, pool, target, on_step, on_pass, compu
         if compact and not known_last and protected and remover.removed_params >= target:
             tail_heads, tail_channels = scores(protected, f"{label} protected layers")
             heads, channels = heads + tail_heads, channels + tail_channels  # disjoint layers, zero elsewhere
+        if refit is not None:  # the model a step leaves behind is the corrected one
+            settle()
         state.step, state.last_heads, state.last_channels = step, heads, channels
         if on_step is not None:
             on_step(state)

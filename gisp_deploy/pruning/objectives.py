@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -71,10 +72,25 @@ class LeadingCache:
         return sum(t.numel() * t.element_size() for t in self.hidden)
 
 
+class GradientSums(NamedTuple):
+    """What one scoring pass accumulates, fp32, keyed like the weights it was given."""
+
+    grad: dict[str, torch.Tensor]  # Ḡ = Σ_i w_i ∇nll_i
+    fisher: dict[str, torch.Tensor] | None  # Σ_i w_i (∇nll_i)², the diagonal empirical Fisher; when asked
+
+
 def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration,
                        batch_size: int, progress=None, leading: LeadingCache | None = None,
                        reduce=None) -> dict[str, torch.Tensor]:
-    """Σ_i w_i ∇ nll_i for each weight in `weights`, as fp32 tensors; the model is left unchanged.
+    """Σ_i w_i ∇ nll_i for each weight in `weights`, as fp32 tensors; the model is left unchanged."""
+    return objective_sums(model, weights, calib, batch_size, progress, leading, reduce).grad
+
+
+def objective_sums(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration,
+                   batch_size: int, progress=None, leading: LeadingCache | None = None,
+                   reduce=None, fisher: bool = False) -> GradientSums:
+    """Ḡ = Σ_i w_i ∇ nll_i for each weight in `weights` (fp32) and, with `fisher`, Σ_i w_i (∇ nll_i)² from each
+    sequence's own gradient (`PerSampleSquares`), so neither depends on the micro-batch.
 
     Only `weights` require gradients, so autograd computes no other weight gradient and stops at the first
     layer that holds one of them. Each micro-batch's gradient is added into its fp32 sum from inside the
@@ -97,6 +113,7 @@ def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib
         return hook
 
     hooks = [p.register_post_accumulate_grad_hook(accumulate(k)) for k, p in weights.items()]
+    squares = PerSampleSquares(model, weights) if fisher else None
     device = model.get_input_embeddings().weight.device
     batches = -(-int(calib.input_ids.shape[0]) // batch_size)
     context, replay = contextlib.nullcontext(), False
@@ -108,6 +125,8 @@ def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib
             for b, (ids, att, lmask, w) in enumerate(calib.batches(batch_size)):
                 ids, att, lmask = ids.to(device), att.to(device), lmask.to(device)
                 hidden = leading.hidden[b].to(device) if replay else None  # [B, T, D]
+                if squares is not None:
+                    squares.sample_weights = w.tolist()
                 nll = sequence_nll(model, ids, att, lmask, hidden)  # [B]
                 (nll * w.to(device=nll.device, dtype=torch.float32)).sum().backward()
                 if progress is not None:
@@ -115,18 +134,64 @@ def objective_gradient(model: nn.Module, weights: dict[str, nn.Parameter], calib
     finally:
         for h in hooks:
             h.remove()
+        if squares is not None:
+            squares.remove()
         for p, flag in saved.items():
             p.requires_grad_(flag)
             p.grad = None
     if reduce is not None:
         reduce(acc.values())
-    return acc
+        if squares is not None:
+            reduce(squares.sums.values())
+    return GradientSums(acc, squares.sums if squares is not None else None)
+
+
+class PerSampleSquares:
+    """Σ_i w_i (∇_W nll_i)² for the Linear weights W in `weights`, accumulated in fp32 during backward passes.
+
+    A Linear's gradient from sequence i alone is Σ_t δ_it x_itᵀ (δ: the gradient at its output, x: its input),
+    so each sequence's gradient is one [out, T] x [T, in] product of what the pass already has: the forward
+    hook keeps x, a hook on the output's gradient forms the product per sequence, squares it and adds it in.
+    The backward's loss is Σ_i w_i nll_i, so δ_i carries w_i: (w_i g_i)² / w_i = w_i g_i² (w_i > 0; the
+    objectives that score second order have positive weights). Costs one more weight-gradient's FLOPs."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, nn.Parameter]):
+        key_of = {id(p): k for k, p in weights.items()}
+        self.sums = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in weights.items()}
+        self.sample_weights: list[float] = []  # w_i of the micro-batch being run
+        self.handles = []
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in key_of:
+                self.handles.append(module.register_forward_hook(self._forward(key_of[id(module.weight)])))
+        if len(self.handles) != len(weights):
+            raise ValueError("second-order scores need every scored weight to be an nn.Linear's weight")
+
+    def _forward(self, key: str):
+        def hook(_module, args, out):
+            if not out.requires_grad:
+                return
+            x = args[0].detach()  # [B, T, in]
+            w = self.sample_weights  # [B]
+            out.register_hook(lambda delta: self._add(key, x, delta, w))
+        return hook
+
+    def _add(self, key: str, x: torch.Tensor, delta: torch.Tensor, w: list[float]) -> None:
+        total = self.sums[key]
+        for i, w_i in enumerate(w):  # one sequence at a time: [out, in] of memory, not [B, out, in]
+            if w_i > 0:
+                g = delta[i].float().T @ x[i].float()  # [out, in] = [out, T] @ [T, in]: w_i ∇nll_i
+                total.addcmul_(g, g, value=1 / w_i)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 AUTO_BATCH_CPU = 16  # CPU throughput barely grows beyond this; memory is rarely the limit there
 
 
-def fit_batch_size(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration, cap: int = 64) -> int:
+def fit_batch_size(model: nn.Module, weights: dict[str, nn.Parameter], calib: Calibration, cap: int = 64,
+                   fisher: bool = False) -> int:
     """The micro-batch for `objective_gradient` when none is given: on a GPU the largest power of two up to
     `cap` (and the sample count) whose forward+backward fits, found by running one; on the CPU 16.
 
@@ -137,7 +202,7 @@ def fit_batch_size(model: nn.Module, weights: dict[str, nn.Parameter], calib: Ca
         return min(AUTO_BATCH_CPU, n)
 
     def runs(size: int) -> None:
-        objective_gradient(model, weights, calib.select(slice(size)), size)
+        objective_sums(model, weights, calib.select(slice(size)), size, fisher=fisher)
 
     return largest_fitting(min(cap, n), runs)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..arguments import GRADIENT_METHODS
 from ..artifact import ArtifactError, check_weights_dir, is_artifact, resolve_model_dir, write_artifact
 from ..data import load_calibration
 from ..families import ModelShape
@@ -23,16 +24,16 @@ from .methods import ComputeOptions, PruneConfig, prune as rank_structures
 from .objectives import fit_batch_size, scored_weights
 from .placement import describe_placement, load_placed, plan_placement
 from .progress import RunProgress, drop_finished_progress
+from .scoring import NEEDS_FISHER
 
 NEEDS_CALIBRATION = ("gisp", "oneshot", "wanda-sp")
-SCORED_BY_GRADIENT = ("gisp", "oneshot")
 
 
 def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "lm", unit: str = "q_head",
           steps: int = 20, max_sparsity: float = 0.6, schedule: str = "params", normalization: str | None = None,
-          protect_first: float = 0.1, protect_last: int = 1, samples: int = 128, seq_len: int = 256,
-          batch_size: int | str | None = "auto", seed: int = 0, device: str = "auto", device_map: str | None = None,
-          dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
+          score: str = "first", in_loop_refit: str = "none", protect_first: float = 0.1, protect_last: int = 1,
+          samples: int = 128, seq_len: int = 256, batch_size: int | str | None = "auto", seed: int = 0,
+          device: str = "auto", device_map: str | None = None, dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
           copy_weights: bool = True, ranks: Ranks | None = None, on_pass=None, log=print) -> dict:
     """`gisp-deploy prune` from Python: rank every head and channel of `model` (a local Hugging Face
     directory) and write the artifact `out`; returns the closing summary. Every option is the command's
@@ -44,8 +45,8 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
             raise ValueError(f"--batch-size {batch_size!r}: give a number of sequences, or auto")
         batch_size = int(batch_size)
     cfg = PruneConfig(method=method, unit=unit, objective=objective, steps=steps, max_sparsity=max_sparsity,
-                      schedule=schedule, normalization=normalization, protect_first=protect_first,
-                      protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
+                      schedule=schedule, normalization=normalization, score=score, in_loop_refit=in_loop_refit,
+                      protect_first=protect_first, protect_last=protect_last, seed=seed, samples=samples, seq_len=seq_len, batch_size=batch_size)
     options = ComputeOptions(compute, ranks=ranks or Ranks.from_env())
     return run_prune(model, list(calib), Path(out), cfg, device=device, dtype=dtype, device_map=device_map,
                      compute=options, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
@@ -141,9 +142,10 @@ def _source(model: str) -> tuple[Path, ModelShape]:
 
 def _fit_batch(cfg: PruneConfig, dense, shape: ModelShape, calib, ranks: Ranks, log) -> PruneConfig:
     """`cfg` with the micro-batch fitted to the device when none was given (gradient methods only)."""
-    if cfg.batch_size is not None or cfg.method not in SCORED_BY_GRADIENT:
+    if cfg.batch_size is not None or cfg.method not in GRADIENT_METHODS:
         return cfg
-    size = fit_batch_size(dense, scored_weights(dense, shape, cfg.unit), ranks.shard(calib))
+    size = fit_batch_size(dense, scored_weights(dense, shape, cfg.unit), ranks.shard(calib),
+                          fisher=cfg.score in NEEDS_FISHER)
     log(f"micro-batch: {size} sequences of {calib.input_ids.shape[1]} tokens")
     return dataclasses.replace(cfg, batch_size=size)
 
@@ -178,13 +180,16 @@ def _manifest(cfg: PruneConfig, run_cfg: PruneConfig, shape: ModelShape, calib, 
         "method": cfg.method, "objective": cfg.objective if cfg.method in NEEDS_CALIBRATION else None,
         "schedule": {"kind": cfg.schedule, "steps": cfg.steps if cfg.method == "gisp" else 1,
                      "max_sparsity": cfg.max_sparsity},
-        "normalization": cfg.normalization, "seed": cfg.seed,
+        "normalization": cfg.normalization, "score": cfg.score if cfg.method in GRADIENT_METHODS else None,
+        "in_loop_refit": (None if cfg.in_loop_refit == "none"
+                          else {"name": cfg.in_loop_refit, "ridge": cfg.in_loop_ridge}),
+        "seed": cfg.seed,
         "protected_layers": cfg.protected_layers(shape.num_layers),
         "calibration": calib.fingerprint if calib else None,
         "source_model": str(model),
         "options": dataclasses.asdict(cfg),
         "run": {"device": where, "dtype": str(dtype).replace("torch.", ""), "batch_size": run_cfg.batch_size,
-                "compute": compute.compute if cfg.method in SCORED_BY_GRADIENT else None,
+                "compute": compute.compute if cfg.method in GRADIENT_METHODS else None,
                 "processes": compute.ranks.world, "id": uuid.uuid4().hex,
                 "wall_s": round(elapsed, 2), "tokens_scored": tokens},
         "versions": {"gisp_deploy": __version__, "torch": torch.__version__,

@@ -1,14 +1,34 @@
-"""Per-structure scores (|W·Ḡ|, magnitude, Wanda-sp), their normalisation, and zeroing removed structures."""
+"""Per-structure scores (|W·Ḡ| and its second-order options, magnitude, Wanda-sp), their normalisation, and
+zeroing removed structures."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ..arguments import SCORES
 from ..families import ModelShape, layer_modules
 from ..ranking import CHANNEL, HEAD, units_per_layer
 
 NORMALIZATIONS = ("reference", "params", "none")
+# arguments.SCORES: Taylor terms of the loss change when a weight is zeroed, ΔL ≈ −Ḡ·W + ½ F·W² (the authors'
+# param_first, param_second, param_mix); these two need the diagonal Fisher F
+NEEDS_FISHER = ("second", "mix")
+
+
+def taylor_importance(weight: torch.Tensor, grad: torch.Tensor, fisher: torch.Tensor | None, score: str):
+    """Per-weight importance, fp32, of zeroing `weight` ([out, in], as `grad` = Ḡ and `fisher` = Σ_i w_i g_i²):
+    first |W·Ḡ|; second ½ F·W² (diagonal-Fisher curvature); mix |W·Ḡ − ½ F·W²|, the loss change to second order
+    (its sign flipped, which |·| ignores)."""
+    w = weight.float()
+    if score == "first":
+        return (w * grad).abs()
+    curvature = 0.5 * fisher * w * w
+    if score == "second":
+        return curvature
+    if score == "mix":
+        return (w * grad - curvature).abs()
+    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
 
 
 def rows_per_unit(x: torch.Tensor, units: int) -> torch.Tensor:
@@ -50,10 +70,13 @@ def scores_kv(shape: ModelShape, unit: str) -> bool:
 
 
 @torch.no_grad()
-def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor], layers=None):
-    """GISP's first-order importance: Σ |W ⊙ Ḡ| over each structure's weights (of `layers`, default all)."""
+def gradient_scores(model: nn.Module, shape: ModelShape, unit: str, grads: dict[str, torch.Tensor], layers=None,
+                    fisher: dict[str, torch.Tensor] | None = None, score: str = "first"):
+    """GISP's importance: Σ over each structure's weights (of `layers`, default all) of `taylor_importance`,
+    by default the first-order |W ⊙ Ḡ|."""
     def per_weight(layer, proj):
-        return (_weight(model, layer, proj).float() * grads[f"{layer}.{proj}"]).abs()
+        key = f"{layer}.{proj}"
+        return taylor_importance(_weight(model, layer, proj), grads[key], None if fisher is None else fisher[key], score)
     return _aggregate(per_weight, shape, unit, scores_kv(shape, unit), layers)
 
 
@@ -86,29 +109,40 @@ def normalize(heads: torch.Tensor, channels: torch.Tensor, shape: ModelShape, un
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, shape: ModelShape, calib, batch_size: int, progress=None):
-    """‖X_j‖₂ over all calibration tokens of the inputs of o_proj and down_proj, per layer: Wanda-sp's statistic."""
-    sq: dict[str, torch.Tensor] = {}
+def consumer_input_pass(model: nn.Module, shape: ModelShape, calib, batch_size: int, add, progress=None,
+                        layers=None) -> None:
+    """One forward pass over `calib`: add(layer, proj, x) is handed the inputs x [n, in] of o_proj and down_proj
+    of each of `layers` (default all) at the real (attention-mask) tokens of every micro-batch."""
     state = {}
     handles = []
-    for layer in range(shape.num_layers):
+    for layer in range(shape.num_layers) if layers is None else layers:
         attn, mlp = layer_modules(model, layer)
-        for key, mod in ((f"{layer}.o", attn.o_proj), (f"{layer}.down", mlp.down_proj)):
-            def hook(_m, args, key=key):
-                x = args[0].float()  # [B, T, in]
-                m = state["mask"].to(x.device, torch.float32).unsqueeze(-1)  # [B, T, 1]
-                sq[key] = sq.get(key, 0) + (x.pow(2) * m).sum((0, 1))
+        for proj, mod in (("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
+            def hook(_m, args, layer=layer, proj=proj):
+                x = args[0]  # [B, T, in]
+                add(layer, proj, x[state["mask"].to(x.device)])  # [n, in]
             handles.append(mod.register_forward_pre_hook(hook))
     dev = next(model.parameters()).device
     try:
         for ids, att, _lm, _w in calib.batches(batch_size):
-            state["mask"] = att
+            state["mask"] = att.bool()
             model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False)
             if progress is not None:
                 progress(int(ids.numel()))
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_norms(model: nn.Module, shape: ModelShape, calib, batch_size: int, progress=None):
+    """‖X_j‖₂ over all calibration tokens of the inputs of o_proj and down_proj, per layer: Wanda-sp's statistic."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def add(layer, proj, x):
+        key = f"{layer}.{'o' if proj == 'o_proj' else 'down'}"
+        sq[key] = sq.get(key, 0) + x.float().pow(2).sum(0)
+
+    consumer_input_pass(model, shape, calib, batch_size, add, progress)
     return {k: v.sqrt() for k, v in sq.items()}
 
 

@@ -21,7 +21,7 @@ from ..layout import head_rows, select
 from ..modeling import EmptyAttention, EmptyMLP, LayerLayout, layer_layout
 from ..plan import kept_structures
 from ..ranking import units_per_layer
-from .scoring import cols_per_unit, rows_per_unit
+from .scoring import cols_per_unit, rows_per_unit, taylor_importance
 
 
 def _positions(old_src: tuple[int, ...], new_src: tuple[int, ...]) -> list[int]:
@@ -118,9 +118,11 @@ class ShrinkingModel:
         return out
 
     @torch.no_grad()
-    def scores(self, grads: dict[str, torch.Tensor], layers, with_kv: bool):
-        """Σ |W ⊙ Ḡ| per structure in the source numbering, [L, U] and [L, I] float64 on the CPU; 0 for a
-        removed structure (as on the masked model, where its weights are zero) and for layers not listed."""
+    def scores(self, grads: dict[str, torch.Tensor], layers, with_kv: bool,
+               fisher: dict[str, torch.Tensor] | None = None, score: str = "first"):
+        """Σ `taylor_importance` (default |W ⊙ Ḡ|) per structure in the source numbering, [L, U] and [L, I]
+        float64 on the CPU; 0 for a removed structure (as on the masked model, where its weights are zero) and
+        for layers not listed."""
         s = self.shape
         units = units_per_layer(s, self.unit)
         heads = torch.zeros(s.num_layers, units, dtype=torch.float64)
@@ -128,7 +130,7 @@ class ShrinkingModel:
         ws = self.weights(layers, with_kv)
 
         def per_weight(key):
-            return (ws[key].float() * grads[key]).abs()
+            return taylor_importance(ws[key], grads[key], None if fisher is None else fisher[key], score)
 
         for layer in layers:
             lay = self.layouts[layer]

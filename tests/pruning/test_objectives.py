@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from gisp_deploy.data import DataError, load_calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.pruning.objectives import LeadingCache, fit_batch_size, largest_fitting, objective_gradient, scored_weights
-from tests.factory import make_model_dir
+from gisp_deploy.pruning.objectives import (LeadingCache, fit_batch_size, largest_fitting, objective_gradient,
+                                            objective_sums, scored_weights)
+from tests.factory import make_model_dir, per_sequence_grads
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,50 @@ def test_micro_batch_fitting(setup):
     assert largest_fitting(40, runs) == 8 and tried == [32, 16, 8]
     with pytest.raises(torch.OutOfMemoryError):
         largest_fitting(64, lambda size: runs(99))
+
+
+def _weighted_sums(per_seq, weights, key):
+    """Σ_i w_i g_i and Σ_i w_i g_i² of one weight, from each sequence's own gradient."""
+    grad = sum(w * g[key] for w, g in zip(weights, per_seq))
+    fisher = sum(w * g[key] ** 2 for w, g in zip(weights, per_seq))
+    return grad, fisher
+
+
+@pytest.mark.parametrize("objective", ["lm", "answer"])
+def test_fisher_is_the_weighted_sum_of_each_sequence_own_squared_gradient(setup, tmp_path, objective):
+    model, shape, tok = setup
+    from tests.factory import CALIB_TEXT
+
+    if objective == "lm":
+        calib = load_calibration("lm", tok, [CALIB_TEXT], samples=5, seq_len=12, seed=1)
+    else:  # sequences of different lengths: padding inside micro-batches
+        rows = [{"prompt": "Q: what is two plus two", "answer": " four"}, {"prompt": "Capital of France:",
+                "answer": " Paris, of course"}, {"prompt": "The cat", "answer": " sat on the mat"}]
+        calib = load_calibration("answer", tok, [_jsonl(tmp_path / "a.jsonl", rows)], 10, 64, 0)
+    weights = scored_weights(model, shape, "q_head")
+    per_seq = per_sequence_grads(model, weights, calib)
+    seq_weights = calib.weight.tolist()
+    for batch_size in (1, 2, len(seq_weights)):  # the micro-batch changes neither sum
+        sums = objective_sums(model, weights, calib, batch_size, fisher=True)
+        for key in ("0.q_proj", "1.o_proj", "2.gate_proj", "3.down_proj"):
+            grad, fisher = _weighted_sums(per_seq, seq_weights, key)
+            assert sums.fisher[key].dtype == torch.float32
+            torch.testing.assert_close(sums.grad[key], grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(sums.fisher[key], fisher, atol=1e-6 * float(fisher.max()), rtol=1e-4)
+            # not the square of the mean gradient, which a batch-level estimate would give
+            assert (fisher - grad ** 2).abs().max() > 0.1 * fisher.abs().max()
+    assert objective_sums(model, weights, calib, 2).fisher is None
+
+
+def test_fisher_from_the_leading_cache_equals_the_full_pass(setup):
+    model, shape, tok = setup
+    from tests.factory import CALIB_TEXT
+
+    calib = load_calibration("lm", tok, [CALIB_TEXT], samples=5, seq_len=16, seed=2)
+    weights = scored_weights(model, shape, "q_head", [2, 3])
+    plain = objective_sums(model, weights, calib, 2, fisher=True)
+    leading = LeadingCache(2)
+    objective_sums(model, weights, calib, 2, leading=leading, fisher=True)  # records
+    replayed = objective_sums(model, weights, calib, 2, leading=leading, fisher=True)  # starts at layer 2
+    for key in weights:
+        assert torch.equal(replayed.fisher[key], plain.fisher[key]), key

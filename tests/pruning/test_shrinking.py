@@ -8,7 +8,8 @@ from gisp_deploy.data import load_calibration
 from gisp_deploy.families import ModelShape
 from gisp_deploy.plan import LayerPlan, SlicePlan, kept_structures
 from gisp_deploy.pruning.methods import ComputeOptions, PruneConfig, prune
-from gisp_deploy.pruning.objectives import objective_gradient, scored_weights
+from gisp_deploy.arguments import SCORES
+from gisp_deploy.pruning.objectives import objective_gradient, objective_sums, scored_weights
 from gisp_deploy.pruning.scoring import gradient_scores, scores_kv
 from gisp_deploy.pruning.shrinking import ShrinkingModel
 from gisp_deploy.ranking import CHANNEL, HEAD
@@ -65,25 +66,28 @@ def test_cut_model_computes_the_masked_model_and_its_scores(tmp_path, family, un
 
     layers = [0, 2, 3]
     with_kv = scores_kv(shape, unit)
-    g_masked = objective_gradient(masked, scored_weights(masked, shape, unit, layers), calib, 2)
-    g_compact = objective_gradient(compact, shrinking.weights(layers, with_kv), calib, 2)
-    want_h, want_c = gradient_scores(masked, shape, unit, g_masked, layers)
-    got_h, got_c = shrinking.scores(g_compact, layers, with_kv)
-    torch.testing.assert_close(got_h, want_h, rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(got_c, want_c, rtol=1e-4, atol=1e-9)
-    assert got_c[2].abs().max() == 0 and got_h[1].abs().max() == 0  # gone, and layer 1 not asked for
+    g_masked = objective_sums(masked, scored_weights(masked, shape, unit, layers), calib, 2, fisher=True)
+    g_compact = objective_sums(compact, shrinking.weights(layers, with_kv), calib, 2, fisher=True)
+    for score in SCORES:
+        want_h, want_c = gradient_scores(masked, shape, unit, g_masked.grad, layers, g_masked.fisher, score)
+        got_h, got_c = shrinking.scores(g_compact.grad, layers, with_kv, g_compact.fisher, score)
+        torch.testing.assert_close(got_h, want_h, rtol=1e-4, atol=1e-9 * float(want_h.abs().max()))
+        torch.testing.assert_close(got_c, want_c, rtol=1e-4, atol=1e-9 * float(want_c.abs().max()))
+        assert got_c[2].abs().max() == 0 and got_h[1].abs().max() == 0  # gone, and layer 1 not asked for
 
 
-@pytest.mark.parametrize("family,unit,schedule", [("llama-gqa", "q_head", "params"),
-                                                  ("qwen2-gqa", "kv_group", "structures"),
-                                                  ("qwen3-gqa", "q_head", "structures"),
-                                                  ("llama-mha", "q_head", "params")])
-def test_compact_and_masked_scoring_give_the_same_ranking_in_fp32(tmp_path, family, unit, schedule):
+@pytest.mark.parametrize("family,unit,schedule,score", [("llama-gqa", "q_head", "params", "first"),
+                                                        ("qwen2-gqa", "kv_group", "structures", "first"),
+                                                        ("qwen3-gqa", "q_head", "structures", "first"),
+                                                        ("llama-mha", "q_head", "params", "first"),
+                                                        ("llama-gqa", "q_head", "params", "mix"),
+                                                        ("qwen2-mha", "q_head", "structures", "second")])
+def test_compact_and_masked_scoring_give_the_same_ranking_in_fp32(tmp_path, family, unit, schedule, score):
     path = make_model_dir(tmp_path, family)
     _, shape, tok = _load(path)
     calib = load_calibration("lm", tok, [CALIB_TEXT], samples=6, seq_len=24, seed=0)
     cfg = PruneConfig(unit=unit, steps=4, max_sparsity=0.45, protect_first=0.25, protect_last=1, batch_size=4,
-                      schedule=schedule)
+                      schedule=schedule, score=score)
     masked = prune(_load(path)[0], shape, calib, cfg, compute=ComputeOptions("masked"))
     for multiple in (1, 16):
         compact = prune(_load(path)[0], shape, calib, cfg, compute=ComputeOptions("compact", multiple))
@@ -123,13 +127,13 @@ def test_protected_layers_get_gradients_only_for_the_last_step(tmp_path, monkeyp
     model, shape, tok = _load(path)
     calib = load_calibration("lm", tok, [CALIB_TEXT], samples=4, seq_len=16, seed=0)
     asked = []
-    real = methods.objective_gradient
+    real = methods.objective_sums
 
     def spy(model, weights, *args, **kw):
         asked.append(sorted({int(k.split(".")[0]) for k in weights}))
         return real(model, weights, *args, **kw)
 
-    monkeypatch.setattr(methods, "objective_gradient", spy)
+    monkeypatch.setattr(methods, "objective_sums", spy)
     cfg = PruneConfig(steps=3, max_sparsity=0.4, protect_first=0.25, protect_last=1, batch_size=2, schedule=schedule)
     ranking = prune(model, shape, calib, cfg)
     if schedule == "params":  # the last step is known in advance: it scores every layer
