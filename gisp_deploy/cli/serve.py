@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from .common import (console, expect_digest_option, fit_memory_option, fit_params_option, kv_cache_dtype_option,
-                     max_model_len_option, max_num_seqs_option, refit_option, reserve_option, say, verify_option)
+from .common import (console, expect_digest_option, fit_batch_size_option, fit_memory_option, fit_params_option,
+                     fit_speedup_option, kv_cache_dtype_option, max_model_len_option, max_num_seqs_option,
+                     refit_option, reserve_option, say, speed_table_option, verify_option)
 
 SERVE_EXAMPLES = """
 [bold]Examples[/]
@@ -40,6 +41,11 @@ SERVE_EXAMPLES = """
   gisp-deploy serve llama3-gisp --fit-memory 24GiB --max-model-len 8192 \\
       --max-num-seqs 4 -- --dtype bfloat16
 
+  # the least pruned slice that decoded 1.5x faster than dense at batch 16
+  # in this machine's `gisp-deploy bench --speed` run
+  gisp-deploy serve llama3-gisp --fit-speedup 1.5 --fit-batch-size 16 \\
+      --speed-table gisp-bench/results.json
+
   # then, from any OpenAI client
   curl http://127.0.0.1:8000/v1/completions \\
       -H 'Content-Type: application/json' \\
@@ -53,7 +59,7 @@ def serve(
     artifact: Path = typer.Argument(..., help="Artifact directory (sliced while vLLM loads it), or a directory "
                                     "written by `gisp-deploy export`."),
     sparsity: Optional[float] = typer.Option(None, help="Sparsity of the slice to serve (artifacts only); or let a "
-                                             "budget choose it (--fit-memory / --fit-params)."),
+                                             "budget choose it (--fit-memory / --fit-params / --fit-speedup)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor-parallel ranks; "
@@ -66,6 +72,9 @@ def serve(
     expect_digest: Optional[str] = expect_digest_option(),
     fit_memory: Optional[str] = fit_memory_option(),
     fit_params: Optional[str] = fit_params_option(),
+    fit_speedup: Optional[str] = fit_speedup_option(),
+    fit_batch_size: int = fit_batch_size_option(),
+    speed_table: Optional[Path] = speed_table_option(),
     max_model_len: Optional[int] = max_model_len_option(),
     max_num_seqs: int = max_num_seqs_option(),
     kv_cache_dtype: str = kv_cache_dtype_option(),
@@ -78,8 +87,9 @@ def serve(
     from ..arguments import check_one_size, check_refit
     from .common import check_budget
 
-    check_one_size(sparsity, fit_memory, fit_params)  # what a typo can break, before the heavy imports
-    budget = check_budget(artifact, fit_memory, fit_params, None, None, 1, kv_cache_dtype, reserve)
+    check_one_size(sparsity, fit_memory, fit_params, fit_speedup)  # what a typo can break, before heavy imports
+    budget = check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, fit_batch_size, kv_cache_dtype,
+                          reserve)
     max_num_seqs, reserve = (None if ctx.get_parameter_source(name).name == "DEFAULT" else value  # not given
                              for name, value in (("max_num_seqs", max_num_seqs), ("reserve", reserve)))
     kw = dict(host=host, port=port, tensor_parallel_size=tensor_parallel_size, channel_multiple=channel_multiple,
@@ -90,8 +100,9 @@ def serve(
             raise ValueError("--refit corrects one slice of an artifact: pass --sparsity (with a budget, "
                              "`gisp-deploy fit` prints the sparsity it chooses; an export is served as written)")
         return _serve_corrected(artifact, sparsity, refit, **kw)
-    _serve(artifact, sparsity, fit_memory=budget["memory"], fit_params=budget["params"], reserve=reserve,
-           on_plan=show_plan(artifact), **kw)
+    _serve(artifact, sparsity, fit_memory=budget["memory"], fit_params=budget["params"],
+           fit_speedup=budget["speedup"], speed_table=budget["speed_table"], fit_batch_size=fit_batch_size,
+           reserve=reserve, on_plan=show_plan(artifact), **kw)
 
 
 def _serve_corrected(artifact: Path, sparsity: float, refit: str, *, served_model_name, **kw) -> None:

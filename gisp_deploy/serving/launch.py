@@ -177,13 +177,14 @@ def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int
 def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           tensor_parallel_size: int = 1, channel_multiple: int = 1, served_model_name: str | None = None,
           vllm_args=(), verify: bool = True, expect_digest: str | None = None, fit_memory=None, fit_params=None,
-          max_model_len: int | None = None, max_num_seqs: int | None = None, kv_cache_dtype: str | None = None,
+          fit_speedup=None, speed_table=None, fit_batch_size: int = 1, max_model_len: int | None = None, max_num_seqs: int | None = None, kv_cache_dtype: str | None = None,
           reserve=None, on_plan=None, log=print) -> int:
     """`gisp-deploy serve` from Python: run vLLM's OpenAI-compatible server on the slice of `artifact` at
     `sparsity` (or on an exported slice) until it exits or this process gets SIGINT/SIGTERM/SIGHUP; returns
     the server's exit status (0 after a stop by signal). `vllm_args` go to vLLM's server unchanged.
 
-    Instead of a sparsity, a budget (`fit_memory` per GPU, e.g. '24GiB'; `fit_params`, e.g. '5B') chooses the
+    Instead of a sparsity, a budget (`fit_memory` per GPU, e.g. '24GiB'; `fit_params`, e.g. '5B'; `fit_speedup`
+    over dense at `fit_batch_size` sequences, ideal or from a bench `speed_table`) chooses the
     slice as `gisp_deploy.fit` does, for `max_model_len` x `max_num_seqs` tokens of KV cache at `kv_cache_dtype`
     with `reserve` held back (each also read from `vllm_args` when not given here); vLLM then gets the settings
     of that plan (serving.settings) and `on_plan(fit_result)` sees the plan before vLLM starts. Without a memory
@@ -197,7 +198,7 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
         raise ServeError(f"{artifact}: not a directory; pass an artifact (gisp-deploy prune) or an exported slice")
     if tensor_parallel_size < 1 or not 0 < port < 65536:
         raise ServeError("--tensor-parallel-size must be >= 1 and --port in 1..65535")
-    check_one_size(sparsity, fit_memory, fit_params)
+    check_one_size(sparsity, fit_memory, fit_params, fit_speedup)
     if reserve is not None and fit_memory is None:
         raise ServeError("--reserve is held back from a memory budget: pass --fit-memory too, or drop --reserve")
     require_vllm()
@@ -206,10 +207,10 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
             "set VLLM_API_KEY in the environment (a key after -- --api-key shows in `ps`)")
     settings = VllmSettings(max_model_len=max_model_len, max_num_seqs=max_num_seqs,  # as given, without a plan
                             kv_cache_dtype=None if kv_cache_dtype in (None, "auto") else kv_cache_dtype)
-    budget = fit_memory is not None or fit_params is not None
+    budget = any(b is not None for b in (fit_memory, fit_params, fit_speedup))
     if budget:
-        result = budget_fit(artifact, extra, fit_memory=fit_memory, fit_params=fit_params,
-                            max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+        result = budget_fit(artifact, extra, fit_memory=fit_memory, fit_params=fit_params, fit_speedup=fit_speedup,
+                            speed_table=speed_table, fit_batch_size=fit_batch_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
                             reserve=reserve, tensor_parallel_size=tensor_parallel_size,
                             channel_multiple=channel_multiple, verify=verify, expect_digest=expect_digest)
         sparsity = result.cost.sparsity
@@ -251,7 +252,8 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     return rc
 
 
-def budget_fit(artifact: Path, extra: list[str], *, fit_memory, fit_params, max_model_len, max_num_seqs,
+def budget_fit(artifact: Path, extra: list[str], *, fit_memory, fit_params, fit_speedup=None, speed_table=None,
+               fit_batch_size: int = 1, max_model_len, max_num_seqs,
                kv_cache_dtype, reserve, tensor_parallel_size: int, channel_multiple: int, verify: bool,
                expect_digest: str | None):
     """The budget.FitResult of a budget for serving `artifact` with vLLM arguments `extra`: the context,
@@ -260,9 +262,11 @@ def budget_fit(artifact: Path, extra: list[str], *, fit_memory, fit_params, max_
 
     if is_exported(artifact):
         raise ServeError(f"{artifact} is an exported slice, served as it is: a budget chooses a slice of an "
-                         "artifact (gisp-deploy prune); drop --fit-memory / --fit-params, or serve the artifact")
+                         "artifact (gisp-deploy prune); drop --fit-memory / --fit-params / --fit-speedup, or serve the "
+                         "artifact")
     art = load_artifact(artifact, verify=verify, weights=False, expect_digest=expect_digest)
-    return fit(art, memory=fit_memory, params=fit_params, reserve=DEFAULT_RESERVE if reserve is None else reserve,
+    return fit(art, memory=fit_memory, params=fit_params, speedup=fit_speedup, speed_table=speed_table,
+               batch_size=fit_batch_size, reserve=DEFAULT_RESERVE if reserve is None else reserve,
                max_model_len=_planned(max_model_len, extra, "--max-model-len"),
                max_num_seqs=_planned(max_num_seqs, extra, "--max-num-seqs") or 1,
                kv_cache_dtype=check_kv_cache_dtype(kv_cache_dtype if kv_cache_dtype not in (None, "auto")

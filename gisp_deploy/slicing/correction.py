@@ -124,7 +124,11 @@ def _dense_layer(reader, model: nn.Module, config, layer: int, device, dtype) ->
     with torch.device("meta"):
         block = cls(config, layer)
     prefix = f"model.layers.{layer}."
-    sd = {k: reader.read(prefix + k).to(device=device, dtype=dtype) for k in block.state_dict()}
+    sd = {}
+    for k in block.state_dict():
+        sd[k] = torch.empty(reader.shape(prefix + k), dtype=dtype)
+        reader.read_into(prefix + k, sd[k])  # converted to `dtype` while read
+        sd[k] = sd[k].to(device)
     block.load_state_dict(sd, assign=True)
     return block.eval()
 

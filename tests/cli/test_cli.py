@@ -263,7 +263,7 @@ BAD_ARGUMENTS = [
     (["check", "{art}", "--refit", "x"], "--refit 'x'"),
     (["bench", "{art}", "--refit", "x"], "--refit 'x'"),
     (["serve", "{art}", "--sparsity", "0.4", "--refit", "x"], "--refit 'x'"),
-    (["serve", "{art}", "--refit", "ls"], "pass --sparsity too"),
+    (["serve", "{art}", "--refit", "ls"], "--refit corrects one slice of an artifact: pass --sparsity"),
 ]
 
 

@@ -123,6 +123,23 @@ def test_a_memory_budget_serves_the_slice_fit_chooses_with_the_settings_it_plann
     assert any(f"at sparsity {want.cost.sparsity:g}" in s for s in said)
 
 
+def test_a_speedup_budget_serves_the_slice_fit_chooses(middle_budget, captured):
+    from gisp_deploy.budget import fit
+    from gisp_deploy.serving.settings import flag_value
+
+    path, _, _ = middle_budget
+    want = fit(path, speedup=1.2, max_model_len=256)
+    plans = []
+    rc = launch.serve(path, fit_speedup=1.2, max_model_len=256, port=free_port(), vllm_args=["--dtype", "float32"],
+                      on_plan=plans.append, log=lambda s: None)
+    cmd = captured["cmd"]
+    assert rc == 0 and [p.cost for p in plans] == [want.cost] and want.cost.sparsity > 0
+    assert json.loads(flag_value(cmd, "--hf-overrides"))["gisp_sparsity"] == want.cost.sparsity
+    assert "--kv-cache-memory-bytes" not in cmd  # no memory budget: vLLM sizes its cache itself
+    with pytest.raises(ValueError, match="a sparsity and a budget together"):
+        launch.serve(path, 0.3, fit_speedup=1.2, port=free_port(), log=lambda s: None)
+
+
 def test_a_budget_over_two_ranks_plans_and_serves_each_ranks_share(middle_budget, captured):
     from gisp_deploy.budget import fit
     from gisp_deploy.serving.settings import cpu_kv_cache_bytes, flag_value
