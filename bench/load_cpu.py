@@ -3,9 +3,10 @@
     python bench/load_cpu.py [--out bench/results/load_cpu.json] [--work /tmp/gisp-load-bench]
         [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold]
 
-Two sources: the reference model's GISP artifact (--reference; bench/results/methods/artifact-gisp, made by
-bench/methods_table.py) and a locally written random-weight Llama checkpoint of about 1.5B parameters (bf16,
-4 shards, under --work) with a random-method ranking.
+Four sources: the reference model's GISP artifact (--reference; bench/results/methods/artifact-gisp, made by
+bench/methods_table.py), a locally written random-weight Llama checkpoint of about 1.5B parameters (bf16,
+4 shards, under --work) with a random-method ranking (kept rows scattered: the layout's worst case), and each of
+those two rewritten rank-ordered (NAME-ranked: `gisp-deploy reorder`; every slice a prefix of each tensor, mapped).
 
 Every load runs in a fresh process of its own (so peaks do not mix), and "ready" is load + one forward pass
 (lazily memory-mapped dense weights are read by that pass). Loads alternate: for each sparsity, each repeat, a
@@ -126,6 +127,17 @@ def make_random_checkpoint(work: Path) -> Path:
     return art
 
 
+def ranked(art: Path, work: Path) -> Path:
+    """`art` rewritten in the rank-ordered layout (gisp-deploy reorder) under `work`, once: the same slices,
+    each one prefixes of the weights."""
+    from gisp_deploy.pruning.reorder import reorder
+
+    out = work / f"{art.name}-ranked"
+    if not out.exists():
+        reorder(art, out)
+    return out
+
+
 def drop_cached(art: Path) -> None:
     """Evict the artifact's weight files from the page cache (only pages nobody maps go)."""
     from gisp_deploy.artifact import load_artifact
@@ -193,7 +205,7 @@ def main():
     ap.add_argument("--reference", default=str(ROOT / "bench" / "results" / "methods" / "artifact-gisp"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sparsities", default="0.2,0.4,0.5")
-    ap.add_argument("--sources", default="reference,random-1.5b")
+    ap.add_argument("--sources", default="reference,reference-ranked,random-1.5b,random-1.5b-ranked")
     ap.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each load")
     args = ap.parse_args()
     work = Path(args.work)
@@ -201,6 +213,8 @@ def main():
     sparsities = [float(x) for x in args.sparsities.split(",")]
     known = {"reference": ("tiny-llama-gqa-19m (gisp)", lambda: Path(args.reference), "float32"),
              "random-1.5b": ("random Llama 1.5B (bf16)", lambda: make_random_checkpoint(work), "bfloat16")}
+    for key, (name, where, dtype) in list(known.items()):  # NAME-ranked: NAME's artifact, rank-ordered
+        known[f"{key}-ranked"] = (f"{name}, rank-ordered", lambda where=where: ranked(where(), work), dtype)
     staging_mb = getattr(safetensors_file, "STAGING_BYTES", 0) / 2**20  # 0: code before the staging buffer
     rows, summary = [], []
     for key in args.sources.split(","):

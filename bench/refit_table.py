@@ -1,12 +1,12 @@
 """Held-out perplexity of plain vs corrected slices (load(..., refit=)) on the reference model.
 
     python bench/refit_table.py ARTIFACT [ARTIFACT ...] [--refits none,ls,ec,ecr] [--sparsities 0.2,0.3,0.4,0.5]
-        [--max-tokens 65536] [--out bench/results/refit]
+        [--max-tokens 65536] [--tasks bench/tasks/continuation-test.margin.jsonl] [--out bench/results/refit]
 
 For each artifact, sparsity and correction, the slice is loaded (its correction solved from the artifact's
 calibration windows; `load_s` is that load, on this machine's CPU) and evaluated on both held-out texts at
-128-token windows (the first --max-tokens tokens), exactly as
-`gisp-deploy eval ARTIFACT --sparsities S --refit R --text T --seq-lens 128 --max-tokens N --json` does
+128-token windows (the first --max-tokens tokens), and on each --tasks file (multiple-choice accuracy), exactly as
+`gisp-deploy eval ARTIFACT --sparsities S --refit R --text T --seq-lens 128 --max-tokens N [--task F] --json` does
 (same function, gisp_deploy.quality.evaluate.evaluate_slices, in one process so the model code is imported once).
 Writes OUT/results.json (records, command, environment) and OUT/table.md after every slice, so an interrupted
 run keeps what it measured.
@@ -28,13 +28,21 @@ TEXTS = [SHARED / "data" / "heldout" / "persuasion.txt.gz", SHARED / "data" / "h
 
 
 def table(records: list[dict], sparsities: list[float], refits: list[str]) -> str:
-    """One row per (artifact, correction): perplexity per text and sparsity, and the change against plain."""
-    texts = sorted({r["text"] for r in records})
-    head = "| artifact | refit | " + " | ".join(f"{t.split('.')[0][:10]} {s:g}" for t in texts for s in sparsities) + " |"
-    lines = [head, "|---" * (2 + len(texts) * len(sparsities)) + "|"]
-    ppl = {(r["name"], r["refit_asked"], r["sparsity"], r["text"]): r["perplexity"] for r in records}
+    """One row per (artifact, correction): perplexity per text and sparsity, and the change against plain;
+    then task accuracy per sparsity, where measured."""
+    texts = sorted({r["text"] for r in records if r.get("measure", "perplexity") == "perplexity"})
+    tasks = sorted({Path(r["task"]).stem for r in records if r.get("measure") == "accuracy"})
+    head = "| artifact | refit | " + " | ".join(f"{t.split('.')[0][:10]} {s:g}" for t in texts for s in sparsities)
+    head += "".join(f" | acc {t.split('.')[0][:12]} {s:g}" for t in tasks for s in sparsities) + " |"
+    lines = [head, "|---" * (2 + (len(texts) + len(tasks)) * len(sparsities)) + "|"]
+    ppl = {(r["name"], r["refit_asked"], r["sparsity"], r["text"]): r["perplexity"] for r in records
+           if r.get("measure", "perplexity") == "perplexity"}
+    acc = {(r["name"], r["refit_asked"], r["sparsity"], Path(r["task"]).stem): r["accuracy"] for r in records
+           if r.get("measure") == "accuracy"}
     for name in dict.fromkeys(r["name"] for r in records):
         for refit in refits:
+            if not any(k[0] == name and k[1] == refit for k in ppl):
+                continue
             cells = []
             for t in texts:
                 for s in sparsities:
@@ -45,6 +53,10 @@ def table(records: list[dict], sparsities: list[float], refits: list[str]) -> st
                         cells.append(f"{v:.1f}")
                     else:
                         cells.append(f"{v:.1f} ({100 * (v / base - 1):+.1f}%)")
+            for t in tasks:
+                for s in sparsities:
+                    v = acc.get((name, refit, s, t))
+                    cells.append("" if v is None else f"{v:.3f}")
             lines.append(f"| {name} | {refit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -55,6 +67,8 @@ def main():
     ap.add_argument("--refits", default="none,ls,ec,ecr")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--tasks", default="", help="comma-separated multiple-choice task files (JSONL), e.g. "
+                    "bench/tasks/continuation-test.margin.jsonl")
     ap.add_argument("--ridge", type=float, default=None, help="relative ridge (default: refit.DEFAULT_RIDGE)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "refit"))
@@ -72,6 +86,7 @@ def main():
     ridge = DEFAULT_RIDGE if args.ridge is None else args.ridge
     sparsities = [float(s) for s in args.sparsities.split(",")]
     refits = args.refits.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "bench/refit_table.py", *sys.argv[1:]])
@@ -94,17 +109,18 @@ def main():
                     continue
                 t = time.perf_counter()
                 recs = evaluate_slices(art, tok, [s], [str(x) for x in TEXTS], (128,), max_tokens=args.max_tokens,
-                                       refit=refit)
+                                       refit=refit, tasks=tasks)
                 wall = time.perf_counter() - t
                 for r in recs:
                     r.update(refit_asked=refit, slice_and_eval_s=round(wall, 1), command=command,
                              eval_command=shlex.join(["gisp-deploy", "eval", str(path), "--sparsities", f"{s:g}",
                                                       "--refit", refit, *sum((["--text", str(x)] for x in TEXTS), []),
                                                       "--seq-lens", "128", "--max-tokens", str(args.max_tokens),
-                                                      "--json"]))
+                                                      *sum((["--task", t] for t in tasks), []), "--json"]))
                 records += recs
                 print(json.dumps({"artifact": art.path.name, "s": s, "refit": refit,
-                                  "ppl": [round(r["perplexity"], 2) for r in recs], "s_wall": round(wall, 1)}),
+                                  "ppl": [round(r["perplexity"], 2) for r in recs if "perplexity" in r],
+                                  "acc": [round(r["accuracy"], 4) for r in recs if "accuracy" in r], "s_wall": round(wall, 1)}),
                       flush=True)
                 (out / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
                 (out / "table.md").write_text(

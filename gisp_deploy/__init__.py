@@ -1,7 +1,7 @@
 """gisp-deploy: prune once with GISP, slice any sparsity at load time, deploy many.
 
 The Python API beside every command (plain keyword arguments; the commands only parse and call them):
-`prune`, `load`, `fit`, `export`, `serve`, `check`, `bench`. Each is imported on first use, so `import gisp_deploy`
+`prune`, `reorder`, `load`, `fit`, `export`, `serve`, `check`, `bench`. Each is imported on first use, so `import gisp_deploy`
 stays cheap.
 """
 
@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # is imported. The registration waits until transformers' auto classes are imported: see _register.py.
 _register.install()
 
-_API = {"prune": ("pruning.run", "prune"), "load": ("slicing.loader", "load"), "fit": ("budget", "fit"),
+_API = {"prune": ("pruning.run", "prune"), "reorder": ("pruning.reorder", "reorder"),
+        "load": ("slicing.loader", "load"), "fit": ("budget", "fit"),
         "export": ("slicing.export", "export_slice"), "serve": ("serving.launch", "serve"),
         "check": ("quality.check", "check"), "bench": ("benchmark.bench", "bench")}
 

@@ -54,7 +54,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob(f"*{WEIGHT_SUFFIX}"))
+    """The model's safetensors files (an artifact's ranking and statistics are not weights)."""
+    files = sorted(f for f in model_dir.glob(f"*{WEIGHT_SUFFIX}") if f.name not in (RANKING, STATISTICS))
     if not files:
         if any(any(model_dir.glob(f"*{s}")) for s in PICKLE_SUFFIXES):
             raise ArtifactError(f"{model_dir}: only pickle checkpoints (.bin/.pt); gisp-deploy never loads pickles. "
@@ -92,21 +93,37 @@ def is_artifact(path: Path) -> bool:
 
 
 def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict, *, copy_weights: bool = True,
-                   overwrite: bool = False, calibration=None) -> Path:
+                   overwrite: bool = False, calibration=None, rank_ordered: bool = False,
+                   weights_dir: Path | None = None) -> Path:
     """Write config, tokenizer, weights (or their reference), ranking and manifest atomically to `out`;
-    `calibration` (a data.Calibration) is stored as the statistics of load-time corrections (STATISTICS)."""
+    `calibration` (a data.Calibration) is stored as the statistics of load-time corrections (STATISTICS).
+    `rank_ordered`: the weights and the ranking renumbered so that every slice keeps prefixes (rank_order.py).
+    `weights_dir`: where the weight files are, when not in `source_dir` (an artifact that references them)."""
     source_dir = Path(source_dir)
-    weights = weight_files(source_dir)
+    weights_dir = source_dir if weights_dir is None else Path(weights_dir)
+    weights = weight_files(weights_dir)
+    if rank_ordered and not copy_weights:
+        raise ArtifactError("a rank-ordered artifact holds its own renumbered weights: drop --no-copy-weights")
     with atomic_dir(out, overwrite, "artifact", is_artifact) as tmp:
         for f in side_files(source_dir):
             shutil.copy2(f, tmp / f.name)
-        hashes = {}
-        for f in weights + ([source_dir / INDEX_FILE] if (source_dir / INDEX_FILE).is_file() else []):
-            if copy_weights:
-                shutil.copy2(f, tmp / f.name)
-            hashes[f.name] = sha256_file(f)
-        ranking.save(tmp / RANKING)
         manifest = dict(manifest)
+        if rank_ordered:
+            from .rank_order import LAYOUT_KEY, RANK_ORDERED, layer_orders, permuted, reordered_ranking
+            from .safetensors_file import rewrite
+
+            orders = layer_orders(ranking)
+            for f in weights:
+                rewrite(f, tmp / f.name,
+                        lambda name, t: permuted(name, t, orders, ranking.shape.head_dim))
+            ranking = reordered_ranking(ranking, orders)
+            manifest[LAYOUT_KEY] = RANK_ORDERED
+        hashes = {}
+        for f in weights + ([weights_dir / INDEX_FILE] if (weights_dir / INDEX_FILE).is_file() else []):
+            if copy_weights and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+            hashes[f.name] = sha256_file(tmp / f.name if copy_weights else f)
+        ranking.save(tmp / RANKING)
         if calibration is not None:
             manifest["statistics"] = _write_statistics(tmp / STATISTICS, calibration)
         manifest.update({

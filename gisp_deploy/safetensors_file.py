@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class ShardFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self._map: mmap.mmap | None = None
         self.fd = os.open(path, os.O_RDONLY)
         try:
             self.entries, self.base = _header(self.fd, path)
@@ -125,6 +127,35 @@ class ShardFile:
 
     def shape(self, name: str) -> list[int]:
         return list(self.entries[name]["shape"])
+
+    def mapped(self, name: str, positions: list[int] | None = None, dim: int = 0,
+               dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Tensor `name`, or its entries at `positions` along `dim`, as a view of the file mapped copy-on-write
+        (pages read from the page cache when first touched, as transformers maps a dense model; a write lands in
+        a private copy, never in the file) — or None where no view can give them: positions that are not one
+        contiguous run without padding, another dtype than `dtype`, a misaligned offset. A view of rows is
+        contiguous; a view of columns is the run's columns of every row (strided, its rows `shape[1]` apart)."""
+        e = self.entries[name]
+        shape, file_dtype = list(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]]
+        if dtype is not None and dtype != file_dtype:
+            return None
+        start, stop = 0, shape[dim] if len(shape) > dim else 0
+        if positions is not None:
+            if dim not in (0, 1) or len(shape) <= dim or not positions:
+                return None
+            start, stop = positions[0], positions[-1] + 1
+            if start < 0 or stop > shape[dim] or positions != list(range(start, stop)):
+                return None
+        offset = self.base + e["data_offsets"][0]
+        if offset % file_dtype.itemsize or e["data_offsets"][1] == e["data_offsets"][0]:
+            return None
+        if self._map is None:  # the views hold the mapping: it lives as long as the last of them
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        whole = torch.frombuffer(self._map, dtype=torch.uint8, count=e["data_offsets"][1] - e["data_offsets"][0],
+                                 offset=offset).view(file_dtype).view(shape)
+        if positions is None:
+            return whole
+        return whole.narrow(dim, start, stop - start)
 
     def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
         """The tensor, or only its `rows` (dim 0, in the given order)."""
@@ -229,6 +260,7 @@ class ShardFile:
             done += n
 
     def close(self):
+        self._map = None  # views already handed out keep the mapping alive; closing the fd does not unmap it
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -238,3 +270,26 @@ class ShardFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def rewrite(src: Path, dst: Path, transform) -> None:
+    """Write safetensors file `src` to `dst` with each tensor replaced by transform(name, tensor), which must keep
+    its shape and dtype: the header is copied byte for byte (metadata included), the data one tensor at a time."""
+    with ShardFile(src) as f:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.pwrite(fd, os.pread(f.fd, f.base, 0), 0)
+            for name, e in sorted(f.entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                t = f.read(name)
+                new = transform(name, t)
+                if new.shape != t.shape or new.dtype != t.dtype:
+                    raise ValueError(f"{name}: rewritten as {new.dtype} {list(new.shape)}, not {t.dtype} "
+                                     f"{list(t.shape)}")
+                data = memoryview(new.contiguous().reshape(-1).view(torch.uint8).numpy())
+                done, at = 0, f.base + e["data_offsets"][0]
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], at + done)
+            os.ftruncate(fd, os.fstat(f.fd).st_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -39,6 +39,7 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version,
 
 
 for name, command, epilog in (("prune", prune.prune, prune.PRUNE_EXAMPLES),  # the README tour's order
+                              ("reorder", prune.reorder, prune.REORDER_EXAMPLES),
                               ("inspect", slices.inspect, slices.INSPECT_EXAMPLES),
                               ("make-task", quality.make_task, quality.MAKE_TASK_EXAMPLES),
                               ("eval", quality.eval_, quality.EVAL_EXAMPLES),

@@ -39,6 +39,9 @@ PRUNE_EXAMPLES = """
   gisp-deploy prune ./model --method wanda-sp --calib data/ \\
       --out model-wanda
 
+  # weights written in the ranking's order: slices load as prefixes
+  gisp-deploy prune ./model --calib data/ --rank-ordered --out model-gisp
+
   # continue a run that was killed
   gisp-deploy prune ./model --calib data/ --out model-gisp --resume
 
@@ -97,6 +100,10 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at --out."),
     copy_weights: bool = typer.Option(True, help="Copy the dense weights into the artifact; --no-copy-weights records "
                                       "the source path and sha256 instead."),
+    rank_ordered: bool = typer.Option(False, help="Write each layer's heads and channels in the ranking's order "
+                                      "(the same model, renumbered): every slice is then a prefix of each tensor, "
+                                      "which the CPU loader maps instead of copying. `gisp-deploy reorder` does it "
+                                      "to an existing artifact."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
     from ..arguments import check_device, check_dtype, check_in_loop_refit, check_score, require_local
@@ -125,7 +132,7 @@ def prune(
                           in_loop_refit=in_loop_refit, protect_first=protect_first, protect_last=protect_last,
                           samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, device_map=device_map, dtype=dtype,
                           compute=compute, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
-                          ranks=ranks, on_pass=pass_reporter(progress) if progress else None,
+                          rank_ordered=rank_ordered, ranks=ranks, on_pass=pass_reporter(progress) if progress else None,
                           log=(lambda m: progress.console.print(m)) if progress else (lambda m: None))
     except KeyboardInterrupt:
         where = partial_dir(out)
@@ -142,3 +149,36 @@ def prune(
         f"{summary['tokens_per_s']:.0f} tokens/s scored" + (f" by {ranks.world} processes" if ranks.world > 1 else ""),
         soft_wrap=True)
 
+
+
+REORDER_EXAMPLES = """
+[bold]Examples[/]
+
+  # the same artifact, each layer renumbered in its ranking's order
+  gisp-deploy reorder llama3-gisp --out llama3-gisp-ranked
+
+  # every slice of it computes what the original's does, and loads as
+  # prefixes of the weights (mapped, not copied, on the CPU)
+  gisp-deploy eval llama3-gisp-ranked --sparsities 0.4 --text heldout.txt
+"""
+
+
+def reorder(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `gisp-deploy prune`."),
+    out: Path = typer.Option(..., "--out", help="Directory of the rank-ordered artifact to write (atomically)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing artifact at --out."),
+):
+    """Rewrite ARTIFACT with every layer's heads and channels in the order its ranking keeps them.
+
+    The model is the same (channels, KV groups and the query heads within a group renumbered together with
+    the rows and columns that use them), and so is every slice; but each slice is now a prefix of every
+    tensor, which loads at the speed of its bytes. `gisp-deploy prune --rank-ordered` writes this layout
+    directly."""
+    from ..artifact import read_manifest
+
+    read_manifest(artifact)  # a mistyped path answers before the heavy imports
+    from ..pruning.reorder import reorder as run
+
+    with console.status("renumbering"):
+        written = run(artifact, out, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {written}: {artifact}, rank-ordered", soft_wrap=True)

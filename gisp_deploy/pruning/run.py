@@ -34,10 +34,12 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
           score: str = "first", in_loop_refit: str = "none", protect_first: float = 0.1, protect_last: int = 1,
           samples: int = 128, seq_len: int = 256, batch_size: int | str | None = "auto", seed: int = 0,
           device: str = "auto", device_map: str | None = None, dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
-          copy_weights: bool = True, ranks: Ranks | None = None, on_pass=None, log=print) -> dict:
+          copy_weights: bool = True, rank_ordered: bool = False, ranks: Ranks | None = None, on_pass=None,
+          log=print) -> dict:
     """`gisp-deploy prune` from Python: rank every head and channel of `model` (a local Hugging Face
     directory) and write the artifact `out`; returns the closing summary. Every option is the command's
-    (`gisp-deploy prune --help`); `ranks` defaults to what torchrun announces in the environment."""
+    (`gisp-deploy prune --help`); `ranks` defaults to what torchrun announces in the environment.
+    `rank_ordered`: write the weights in the ranking's order, so every slice loads as prefixes (rank_order.py)."""
     if batch_size == "auto":
         batch_size = None
     elif isinstance(batch_size, str):
@@ -50,13 +52,13 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
     options = ComputeOptions(compute, ranks=ranks or Ranks.from_env())
     return run_prune(model, list(calib), Path(out), cfg, device=device, dtype=dtype, device_map=device_map,
                      compute=options, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
-                     on_pass=on_pass, log=log)
+                     rank_ordered=rank_ordered, on_pass=on_pass, log=log)
 
 
 def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device=None, dtype=None,
               device_map: str | None = None, compute: ComputeOptions = ComputeOptions(),
               resume: bool = False, overwrite: bool = False, copy_weights: bool = True,
-              on_pass=None, log=print) -> dict:
+              rank_ordered: bool = False, on_pass=None, log=print) -> dict:
     """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary.
     `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory);
     under torchrun (compute.ranks) every process scores its share of the sequences and rank 0 writes."""
@@ -64,12 +66,15 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
     with output_lock(out) if ranks.is_main else contextlib.nullcontext():
         return _run(model, calib_paths, out, cfg, device=device, dtype=dtype, device_map=device_map,
                     compute=compute, resume=resume, overwrite=overwrite, copy_weights=copy_weights,
-                    on_pass=on_pass, log=log)
+                    rank_ordered=rank_ordered, on_pass=on_pass, log=log)
 
 
 def _run(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device, dtype, device_map,
-         compute: ComputeOptions, resume: bool, overwrite: bool, copy_weights: bool, on_pass, log) -> dict:
+         compute: ComputeOptions, resume: bool, overwrite: bool, copy_weights: bool, rank_ordered: bool, on_pass,
+         log) -> dict:
     t0 = time.perf_counter()
+    if rank_ordered and not copy_weights:
+        raise ArtifactError("--rank-ordered writes the weights renumbered into the artifact: drop --no-copy-weights")
     ranks = compute.ranks
     model_dir, shape = _source(model)
     _check_out(out, overwrite, ranks, device, device_map, model_dir)
@@ -102,7 +107,7 @@ def _run(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device, 
     manifest = _manifest(cfg, run_cfg, shape, calib, model, compute, where=where, dtype=dt, elapsed=elapsed,
                          tokens=scored)
     _write(out, model_dir, ranking, manifest, progress, copy_weights=copy_weights, overwrite=overwrite,
-           calibration=calib)
+           calibration=calib, rank_ordered=rank_ordered)
     return {"artifact": str(out), "method": cfg.method, "coverage": ranking.coverage,
             "structures": len(ranking), "covered": ranking.num_covered,
             "wall_s": time.perf_counter() - t0, "tokens_scored": scored,
@@ -198,12 +203,12 @@ def _manifest(cfg: PruneConfig, run_cfg: PruneConfig, shape: ModelShape, calib, 
 
 
 def _write(out: Path, model_dir: Path, ranking, manifest: dict, progress: RunProgress, *, copy_weights: bool,
-           overwrite: bool, calibration=None) -> None:
+           overwrite: bool, calibration=None, rank_ordered: bool = False) -> None:
     """Write the artifact; on a full disk the finished ranking stays in the progress folder for --resume."""
     progress.mark_finished(manifest["run"]["id"])
     try:
         write_artifact(out, model_dir, ranking, manifest, copy_weights=copy_weights, overwrite=overwrite,
-                       calibration=calibration)
+                       calibration=calibration, rank_ordered=rank_ordered)
     except WriteError as e:
         if not progress.exists():  # methods without steps keep no progress: they are quick to run again
             raise

@@ -1,10 +1,11 @@
 """Load a slice of an artifact as a physically smaller transformers model.
 
 Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
-read with positioned reads into the compact tensors (safetensors_file.ShardFile.read_into): long runs of kept
-rows straight in, columns and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows
-at a time, gathered from there; so peak memory is the compact model plus that buffer, and no mapping of the
-checkpoint stays behind. On CUDA the dense tensors are read whole onto the device and gathered
+mapped copy-on-write where a compact tensor is one contiguous run of a dense one's rows or columns in the
+file's dtype (whole tensors; the prefixes of a rank-ordered artifact), and read with positioned reads into the
+compact tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
+and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from
+there; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole onto the device and gathered
 there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes (several layers) in one launch for
 rows and one for columns. A slice that keeps everything is memory-mapped, as transformers does.
 """
@@ -77,8 +78,11 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
 
 
 def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict) -> None:
-    """CPU: every compact tensor read straight into its own fresh tensor (kept rows / columns only, see
-    ShardFile.read_into), so peak memory is the compact model plus the reader's one staging buffer."""
+    """CPU: a compact tensor that is one contiguous run of its dense tensor's rows or columns, in the file's
+    dtype, is a copy-on-write view of the mapped file (read when first touched, like a dense model; every
+    tensor of a rank-ordered artifact's MLP); every other one is read straight into its own fresh tensor (kept
+    rows / columns only, see ShardFile.read_into). So peak anonymous memory is at most the compact model plus
+    the reader's one staging buffer."""
     for key, meta in metas.items():
         shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
         rows, cols = source_indices(key, layouts, head_dim)
@@ -89,6 +93,10 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
         if tuple(got) != shape:
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(got)}, the slice needs "
                                 f"{shape}; the weights do not match the artifact's config")
+        view = reader.mapped(key, pos, dim, dt)
+        if view is not None:
+            sd[key] = view
+            continue
         sd[key] = torch.empty(shape, dtype=dt)
         reader.read_into(key, sd[key], pos, dim)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import INDEX_FILE, ArtifactError
+from ..artifact import INDEX_FILE, ArtifactError, weight_files
 from ..integrity import inside
 from ..safetensors_file import ShardFile, StagingBuffer
 
@@ -33,8 +33,7 @@ class WeightReader:
                 raise ArtifactError(f"{index}: no weight_map of tensor -> file names; the index is damaged") from None
             self.where = dict(where)
         else:  # one file, or shards without an index: their headers say what they hold
-            self.where = {name: f.name for f in sorted(self.dir.glob("*.safetensors"))
-                          for name in self._handle(f.name, "direct").keys()}
+            self.where = {name: f.name for f in weight_files(self.dir) for name in self._handle(f.name, "direct").keys()}
         if not self.where:
             raise ArtifactError(f"{self.dir}: no safetensors weights found")
 
@@ -65,6 +64,11 @@ class WeightReader:
         """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero), converting
         to out's dtype (positioned reads through this reader's one staging buffer; nothing stays mapped)."""
         self._handle(self._file(name), "direct").read_into(name, out, positions, dim, self.staging)
+
+    def mapped(self, name: str, positions: list[int] | None = None, dim: int = 0, dtype: torch.dtype | None = None):
+        """`name` (or its one contiguous run of `positions` along `dim`) as a copy-on-write view of its file, or
+        None where only a copy can give it (ShardFile.mapped)."""
+        return self._handle(self._file(name), "direct").mapped(name, positions, dim, dtype)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

@@ -257,6 +257,7 @@ BAD_ARGUMENTS = [
     (["prune", "{model}", "--score", "mix", "--objective", "margin", "--out", "{tmp}/y"], "needs a loss to expand"),
     (["prune", "{model}", "--in-loop-refit", "ls", "--method", "wanda-sp", "--out", "{tmp}/y"], "takes no steps"),
     (["make-task", "{model}", "--text", "nothere.txt", "--out", "{tmp}/t"], "--text nothere.txt"),
+    (["reorder", "{missing}", "--out", "{tmp}/r"], "no such artifact directory"),
     (["inspect", "{model}"], "a model directory, not a gisp-deploy artifact"),
     (["eval", "{art}", "--text", EXAMPLE_HELDOUT, "--refit", "lsq"], "--refit 'lsq': choose none, ls, ec"),
     (["export", "{art}", "--sparsity", "0.4", "--refit", "x", "--out", "{tmp}/x"], "--refit 'x'"),
@@ -292,7 +293,7 @@ def test_former_option_names_still_work(artifact):
 def _examples():
     from gisp_deploy.cli import bench, prune, quality, serve, slices
 
-    return {"prune": prune.PRUNE_EXAMPLES, "inspect": slices.INSPECT_EXAMPLES, "export": slices.EXPORT_EXAMPLES,
+    return {"prune": prune.PRUNE_EXAMPLES, "reorder": prune.REORDER_EXAMPLES, "inspect": slices.INSPECT_EXAMPLES, "export": slices.EXPORT_EXAMPLES,
             "fit": slices.FIT_EXAMPLES,
             "eval": quality.EVAL_EXAMPLES, "check": quality.CHECK_EXAMPLES, "make-task": quality.MAKE_TASK_EXAMPLES,
             "serve": serve.SERVE_EXAMPLES, "bench": bench.BENCH_EXAMPLES}
