@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .families import ModelShape
 from .ranking import CHANNEL, Ranking
 
@@ -145,25 +147,23 @@ def kept_structures(shape: ModelShape, unit: str, removed) -> list[tuple[tuple[i
     """Per layer, the (query heads, channels) left once `removed` ((layer, kind, index) triples) are gone; a
     KV-group unit takes all of its query heads."""
     g = shape.group_size
-    gone_heads = [set() for _ in range(shape.num_layers)]
-    gone_channels = [set() for _ in range(shape.num_layers)]
-    for layer, kind, index in removed:
-        layer, index = int(layer), int(index)
-        if kind == CHANNEL:
-            gone_channels[layer].add(index)
-        elif unit == "kv_group":
-            gone_heads[layer].update(range(index * g, (index + 1) * g))
-        else:
-            gone_heads[layer].add(index)
-    return [(tuple(h for h in range(shape.num_heads) if h not in gone_heads[i]),
-             tuple(c for c in range(shape.intermediate) if c not in gone_channels[i])) for i in range(shape.num_layers)]
+    heads = np.ones((shape.num_layers, shape.num_heads), dtype=bool)  # [L, H] still there
+    channels = np.ones((shape.num_layers, shape.intermediate), dtype=bool)  # [L, I]
+    rows = removed if isinstance(removed, np.ndarray) else [tuple(map(int, r)) for r in removed]
+    layer, kind, index = np.asarray(rows, dtype=np.int64).reshape(-1, 3).T  # [P] each
+    gone = kind == CHANNEL
+    channels[layer[gone], index[gone]] = False
+    for j in range(g if unit == "kv_group" else 1):  # a KV group takes its g query heads
+        heads[layer[~gone], index[~gone] * (g if unit == "kv_group" else 1) + j] = False
+    return [(tuple(np.flatnonzero(heads[i]).tolist()), tuple(np.flatnonzero(channels[i]).tolist()))
+            for i in range(shape.num_layers)]
 
 
 def _plan_prefix(ranking: Ranking, sparsity: float) -> SlicePlan:
     """The slice at `sparsity`: everything outside the shortest ranking prefix that reaches it."""
     shape = ranking.shape
     prefix = ranking.prefix_length(sparsity)
-    removed = zip(ranking.layer[:prefix], ranking.kind[:prefix], ranking.index[:prefix])
+    removed = np.stack([ranking.layer[:prefix], ranking.kind[:prefix], ranking.index[:prefix]], axis=1)  # [P, 3]
     layers = tuple(LayerPlan(q_heads=q, kv_heads=tuple(sorted({h // shape.group_size for h in q})), channels=c)
                    for q, c in kept_structures(shape, ranking.unit, removed))
     return SlicePlan(shape=shape, unit=ranking.unit, sparsity=float(sparsity),

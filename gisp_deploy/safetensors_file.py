@@ -78,6 +78,28 @@ READ_CALL_BYTES = 32 << 10  # one read call costs about as much as copying 32 Ki
 
 
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer dtype of each element size
+MIN_COLUMN_RUN = 16  # kept columns are copied run by run when their runs average this many, else gathered
+
+
+def _ints(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of `t`'s bits (integers of its element size): numpy copies single-threaded, so they never wait
+    on a busy CPU's thread pool."""
+    return t.view(BITS[t.element_size()]).numpy()
+
+
+def _spans(index: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each run of consecutive values in sorted `index`."""
+    return [(d0, n) for _, d0, n in _runs(index, index)]
+
+
+def _runs(src: torch.Tensor, dst: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(source start, destination start, length) of each run where both src and dst go up one at a time."""
+    if not len(src):
+        return []
+    brk = (torch.nonzero((src[1:] != src[:-1] + 1) | (dst[1:] != dst[:-1] + 1)).flatten() + 1).tolist()
+    starts, ends = [0, *brk], [*brk, len(src)]
+    s, d = src.tolist(), dst.tolist()
+    return [(s[i], d[i], j - i) for i, j in zip(starts, ends)]
 
 
 def take(block: torch.Tensor, index: torch.Tensor, dim: int, out: torch.Tensor) -> None:
@@ -190,8 +212,8 @@ class ShardFile:
                              f"dim {dim})")
         dst = torch.nonzero(pos >= 0).flatten()  # [K] destination index of each real position
         src = pos[dst]  # [K] its source index along dim
-        if len(dst) < len(pos):
-            out.index_fill_(dim, torch.nonzero(pos < 0).flatten(), 0)
+        for d0, n in _spans(torch.nonzero(pos < 0).flatten()):  # zero padding, a run of rows / columns at a time
+            _ints(out.narrow(dim, d0, n))[...] = 0
         staging = staging or StagingBuffer(min(STAGING_BYTES, max(row_bytes, rows_src * row_bytes)))
         if dim == 1:
             self._staged_cols(e, out, src, dst, dtype, row_bytes, staging)
@@ -232,14 +254,21 @@ class ShardFile:
             i = j
 
     def _staged_cols(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
-        """Columns src[i] -> out columns dst[i] of every row, a block of rows at a time."""
+        """Columns src[i] -> out columns dst[i] of every row, a block of rows at a time: run by run where the
+        kept columns come in long runs (a rank-ordered artifact's groups), else gathered column by column."""
         rows = e["shape"][0]
+        runs = _runs(src, dst)
+        by_runs = out.dtype == dtype and len(runs) * MIN_COLUMN_RUN <= len(src)
         direct = out.dtype == dtype and len(dst) == out.shape[1]  # no padding column, no conversion
         per = staging.rows(row_bytes)
         for r0 in range(0, rows, per):
             n = min(per, rows - r0)
             block = self._stage(e, r0, n, row_bytes, staging, dtype)  # [n, C_src]
-            if direct:
+            if by_runs:
+                have, want = _ints(block), _ints(out[r0:r0 + n])
+                for s0, d0, k in runs:
+                    want[:, d0:d0 + k] = have[:, s0:s0 + k]
+            elif direct:
                 take(block, src, 1, out[r0:r0 + n])
             elif len(src):
                 out[r0:r0 + n].index_copy_(1, dst, block.index_select(1, src).to(out.dtype))

@@ -53,7 +53,8 @@ def test_read_into_gathers_rows_and_columns_exactly(tmp_path, dtype, staging_byt
     rows = {"w": [[], [5], [39], list(range(40)), scattered, [9, 3, 4, 5, 0], [3, -1, 4, -1, -1, 7], [-1, -1]],
             "big": [list(range(300)), [*range(0, 100), -1, *range(150, 250)], list(range(299, -1, -1))],
             "b": [[0], scattered, [-1, 2, 3], [0, 0, 2], [4, 4]]}  # repeats too
-    cols = {"w": [[], [7], list(range(100)), [1, 2, 3, 50, 51, 99], [99, 0, 50], [4, -1, 5, -1]],
+    cols = {"w": [[], [7], list(range(100)), [1, 2, 3, 50, 51, 99], [99, 0, 50], [4, -1, 5, -1],
+                  [*range(0, 40), -1, -1, *range(60, 90), -1], [*range(50, 100), *range(0, 30)]],  # long runs
             "big": [list(range(1, 64, 2))]}
     with ShardFile(tmp_path / "t.safetensors") as f:
         for out_dtype in (dtype, torch.float32):

@@ -60,10 +60,11 @@ class WeightReader:
     def shape(self, name: str) -> list[int]:
         return self._handle(self._file(name), "direct").shape(name)
 
-    def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0) -> None:
+    def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0,
+                  staging: StagingBuffer | None = None) -> None:
         """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero), converting
-        to out's dtype (positioned reads through this reader's one staging buffer; nothing stays mapped)."""
-        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, self.staging)
+        to out's dtype (positioned reads through `staging`, by default this reader's one staging buffer)."""
+        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, staging or self.staging)
 
     def mapped(self, name: str, positions: list[int] | None = None, dim: int = 0, dtype: torch.dtype | None = None):
         """`name` (or its one contiguous run of `positions` along `dim`) as a copy-on-write view of its file, or
