@@ -94,8 +94,8 @@ def test_rank_ordered_slices_are_views_of_the_file_and_writes_stay_private(pairs
 def test_prune_rank_ordered_is_reorder_of_prune(tmp_path):
     model_dir = make_model_dir(tmp_path, "llama-gqa")
     common = dict(method="random", max_sparsity=0.6, protect_first=0, protect_last=0, log=lambda m: None)
-    run_prune(str(model_dir), out=tmp_path / "plain", **common)
-    run_prune(str(model_dir), out=tmp_path / "direct", rank_ordered=True, **common)
+    run_prune(str(model_dir), out=tmp_path / "plain", rank_ordered=False, **common)
+    run_prune(str(model_dir), out=tmp_path / "direct", **common)  # the default when weights are copied
     reorder(tmp_path / "plain", tmp_path / "after")
     direct, after = (json.loads((tmp_path / n / MANIFEST).read_text()) for n in ("direct", "after"))
     assert direct["weights"]["sha256"] == after["weights"]["sha256"]
@@ -105,6 +105,8 @@ def test_prune_rank_ordered_is_reorder_of_prune(tmp_path):
     with pytest.raises(ArtifactError, match="no-copy-weights"):
         run_prune(str(model_dir), out=tmp_path / "ref", rank_ordered=True, copy_weights=False, **common)
     assert not (tmp_path / "again").exists() and not (tmp_path / "ref").exists()
+    run_prune(str(model_dir), out=tmp_path / "ref", copy_weights=False, **common)  # a reference keeps the order
+    assert load_artifact(tmp_path / "ref").manifest.get("layout") is None
 
 
 def test_reorder_command(pairs, tmp_path):

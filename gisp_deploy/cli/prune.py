@@ -39,8 +39,8 @@ PRUNE_EXAMPLES = """
   gisp-deploy prune ./model --method wanda-sp --calib data/ \\
       --out model-wanda
 
-  # weights written in the ranking's order: slices load as prefixes
-  gisp-deploy prune ./model --calib data/ --rank-ordered --out model-gisp
+  # the weight files byte for byte as the source's (not renumbered)
+  gisp-deploy prune ./model --calib data/ --source-order --out model-gisp
 
   # continue a run that was killed
   gisp-deploy prune ./model --calib data/ --out model-gisp --resume
@@ -100,10 +100,12 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace an existing artifact at --out."),
     copy_weights: bool = typer.Option(True, help="Copy the dense weights into the artifact; --no-copy-weights records "
                                       "the source path and sha256 instead."),
-    rank_ordered: bool = typer.Option(False, help="Write each layer's heads and channels in the ranking's order "
-                                      "(the same model, renumbered): every slice is then a prefix of each tensor, "
-                                      "which the CPU loader maps instead of copying. `gisp-deploy reorder` does it "
-                                      "to an existing artifact."),
+    rank_ordered: Optional[bool] = typer.Option(
+        None, "--rank-ordered/--source-order",
+        help="Write each layer's heads and channels in the ranking's order (the same model, renumbered): every "
+             "slice is then a prefix of each tensor, which the CPU loader maps instead of copying. Default: "
+             "rank-ordered whenever the weights are copied; --source-order keeps the source's byte-identical "
+             "files. `gisp-deploy reorder` rewrites an existing artifact."),
 ):
     """Rank every attention head and MLP channel of MODEL and write one artifact that serves any sparsity."""
     from ..arguments import check_device, check_dtype, check_in_loop_refit, check_score, require_local

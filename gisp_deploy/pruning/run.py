@@ -34,12 +34,13 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
           score: str = "first", in_loop_refit: str = "none", protect_first: float = 0.1, protect_last: int = 1,
           samples: int = 128, seq_len: int = 256, batch_size: int | str | None = "auto", seed: int = 0,
           device: str = "auto", device_map: str | None = None, dtype: str = "auto", compute: str = "compact", resume: bool = False, overwrite: bool = False,
-          copy_weights: bool = True, rank_ordered: bool = False, ranks: Ranks | None = None, on_pass=None,
+          copy_weights: bool = True, rank_ordered: bool | None = None, ranks: Ranks | None = None, on_pass=None,
           log=print) -> dict:
     """`gisp-deploy prune` from Python: rank every head and channel of `model` (a local Hugging Face
     directory) and write the artifact `out`; returns the closing summary. Every option is the command's
     (`gisp-deploy prune --help`); `ranks` defaults to what torchrun announces in the environment.
-    `rank_ordered`: write the weights in the ranking's order, so every slice loads as prefixes (rank_order.py)."""
+    `rank_ordered`: write the weights in the ranking's order, so every slice loads as prefixes (rank_order.py);
+    None (default): whenever the weights are copied into the artifact."""
     if batch_size == "auto":
         batch_size = None
     elif isinstance(batch_size, str):
@@ -58,7 +59,7 @@ def prune(model: str, *, calib=(), out, method: str = "gisp", objective: str = "
 def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device=None, dtype=None,
               device_map: str | None = None, compute: ComputeOptions = ComputeOptions(),
               resume: bool = False, overwrite: bool = False, copy_weights: bool = True,
-              rank_ordered: bool = False, on_pass=None, log=print) -> dict:
+              rank_ordered: bool | None = None, on_pass=None, log=print) -> dict:
     """Run `cfg.method` on `model` and write the artifact at `out`; return the closing summary.
     `device_map` (auto | balanced | sequential) spreads the layers over the visible GPUs (and CPU memory);
     under torchrun (compute.ranks) every process scores its share of the sequences and rank 0 writes."""
@@ -70,9 +71,11 @@ def run_prune(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, dev
 
 
 def _run(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device, dtype, device_map,
-         compute: ComputeOptions, resume: bool, overwrite: bool, copy_weights: bool, rank_ordered: bool, on_pass,
-         log) -> dict:
+         compute: ComputeOptions, resume: bool, overwrite: bool, copy_weights: bool, rank_ordered: bool | None,
+         on_pass, log) -> dict:
     t0 = time.perf_counter()
+    if rank_ordered is None:
+        rank_ordered = copy_weights
     if rank_ordered and not copy_weights:
         raise ArtifactError("--rank-ordered writes the weights renumbered into the artifact: drop --no-copy-weights")
     ranks = compute.ranks

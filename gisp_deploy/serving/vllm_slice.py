@@ -152,6 +152,8 @@ def slice_weights(sl: VllmSlice, weights: Iterable[tuple[str, torch.Tensor]]):
 def _cut(t: torch.Tensor, positions: list[int], dim: int) -> torch.Tensor:
     """select(), and for the CPU tensors vLLM reads (memory-mapped, no padding) numpy's take: it waits on no
     thread pool, and gathers columns several times as fast (bench/results/host_memory.json)."""
+    if positions and positions[0] >= 0 and positions == list(range(positions[0], positions[0] + len(positions))):
+        return t.narrow(dim, positions[0], len(positions))  # one run (a rank-ordered artifact's): a view, no copy
     if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous() or min(positions, default=0) < 0:
         return select(t, positions, dim)
     shape = list(t.shape)

@@ -129,6 +129,21 @@ def test_greedy_tokens_match_compact_model(artifacts, name, unit):
 
 @needs_vllm
 @pytest.mark.slow
+def test_rank_ordered_artifact_serves_the_same_tokens(artifacts, tmp_path):
+    from gisp_deploy.pruning.reorder import reorder
+
+    path = artifacts("llama-gqa")
+    ranked = reorder(path, tmp_path / "ranked")
+    art, art_ranked = load_artifact(path), load_artifact(ranked)
+    with engine(ranked, hf_overrides=vllm_overrides(art_ranked, 0.35)) as llm:
+        tokens, _ = vllm_greedy(llm)
+        assert_same_greedy(llm, load(art_ranked, 0.35))
+    original = load(art, 0.35)
+    assert tokens == [hf_greedy(original, p)[0] for p in PROMPTS]  # the original layout's slice, token for token
+
+
+@needs_vllm
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-bias", "mistral-gqa", "qwen2-gqa", "qwen3-gqa"])
 def test_exported_slice_with_empty_layers_and_uneven_groups(artifacts, tmp_path, name):
     """An exported directory (config.json with gisp_layers, weights already compact) serves as it is: layers

@@ -44,7 +44,16 @@ def _hf_config(art, **overrides):
     return cfg
 
 
-def test_artifact_slice_cuts_the_weights_as_the_loader_does(artifact):
+@pytest.fixture(scope="module")
+def ranked(artifact, tmp_path_factory):
+    from gisp_deploy.pruning.reorder import reorder
+
+    return load_artifact(reorder(artifact.path, tmp_path_factory.mktemp("vllm-slice-ranked") / "art"))
+
+
+@pytest.mark.parametrize("layout", ["original", "rank-ordered"])  # scattered rows / one run of them, viewed
+def test_artifact_slice_cuts_the_weights_as_the_loader_does(artifact, ranked, layout):
+    artifact = artifact if layout == "original" else ranked
     plan = plan_slice(artifact.ranking, 0.5)
     sl = slice_for(_vllm_config(_hf_config(artifact, gisp_sparsity=0.5), str(artifact.path)))
     assert sl.layers == tuple(LayerSpec(len(l.q_src), len(l.kv_src), len(l.channels)) for l in plan_layouts(plan))
