@@ -7,6 +7,7 @@ also run by vLLM (vllm_greedy.py) and its greedy tokens on probe prompts must eq
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -85,9 +86,6 @@ class CheckOptions:
     refit: str = "none"
 
     def __post_init__(self):
-        if self.refit != "none" and self.serve:
-            raise ValueError("check --serve --refit is not supported yet: vLLM would serve the plain slice; check "
-                             "the export instead (gisp-deploy export --refit ..., then serve it)")
         if self.max_ppl_ratio is not None and self.text is None:
             raise ValueError("--max-ppl-ratio needs --text FILE to measure perplexity on")
         if self.min_accuracy is not None and self.task is None:
@@ -158,7 +156,7 @@ class ArtifactCheck:
         tok = c.run("artifact: tokenizer", _tokenizer, art.path)
         ids = _probe_ids(tok, opts.text, art.config.vocab_size)
         prompts = ids[:, :SERVE_PROMPT_TOKENS].tolist()
-        served = self._served(art, list(plans), prompts) if opts.serve else {}
+        served = self._served(art, plans, prompts) if opts.serve else {}
         dense = c.run("dense: loads", _dense, art)
         if dense is None:
             return
@@ -170,13 +168,26 @@ class ArtifactCheck:
         for s, plan in plans.items():
             self._slice(art, s, plan, oracle, ids, stream, base_ppl, tok, prompts, served.get(s))
 
-    def _served(self, art, sparsities, prompts) -> dict:
+    def _served(self, art, plans: dict, prompts) -> dict:
         """vLLM's greedy tokens per slice, before the dense model is loaded here: the engine's memory and ours
-        never add up."""
+        never add up. A corrected slice is served as `serve --refit` serves it: exported (fp32, the
+        correction in its weights) to a temporary directory that vLLM loads."""
         opts = self.opts
+        sparsities = list(plans)
         try:
-            return vllm_greedy_tokens(art, sparsities, prompts, SERVE_NEW_TOKENS, tp_size=opts.tp_size,
-                                      channel_multiple=opts.channel_multiple, timeout=opts.serve_timeout)
+            if opts.refit == "none":
+                return vllm_greedy_tokens(art, sparsities, prompts, SERVE_NEW_TOKENS, tp_size=opts.tp_size,
+                                          channel_multiple=opts.channel_multiple, timeout=opts.serve_timeout)
+            from ..slicing.export import export_slice
+
+            with tempfile.TemporaryDirectory(prefix="gisp-check-refit-") as tmp:
+                exports = {}
+                for s, plan in plans.items():
+                    exports[s] = Path(tmp) / f"s{s:g}"
+                    export_slice(art, exports[s], plan=plan, dtype="float32", refit=opts.refit)
+                return vllm_greedy_tokens(art, sparsities, prompts, SERVE_NEW_TOKENS, tp_size=opts.tp_size,
+                                          channel_multiple=opts.channel_multiple, timeout=opts.serve_timeout,
+                                          exports=exports)
         except Exception as e:  # noqa: BLE001 - each slice's vLLM check fails with it; the other checks still run
             return {s: {"error": f"{type(e).__name__}: {e}"} for s in sparsities}
 

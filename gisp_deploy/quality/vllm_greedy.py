@@ -73,9 +73,10 @@ def _last_error(log: str, limit: int = 600) -> str:
 
 
 def vllm_greedy_tokens(art, sparsities, prompts, new_tokens: int, *, tp_size: int = 1, channel_multiple: int = 1,
-                       timeout: float = SERVE_TIMEOUT_S) -> dict:
+                       timeout: float = SERVE_TIMEOUT_S, exports: dict | None = None) -> dict:
     """Greedy tokens of vLLM engines on the slices of `art` at `sparsities` ({s: {"tokens", "engine_s",
-    "seconds"}} or {s: {"error"}}), from one child process that runs the engines one after another."""
+    "seconds"}} or {s: {"error"}}), from one child process that runs the engines one after another.
+    `exports` ({s: directory}): serve these exported slices instead (a corrected slice's export)."""
     if not sparsities:
         return {}
     max_len = len(prompts[0]) + new_tokens
@@ -85,6 +86,7 @@ def vllm_greedy_tokens(art, sparsities, prompts, new_tokens: int, *, tp_size: in
     with tempfile.TemporaryDirectory(prefix="gisp-check-vllm-") as tmp:
         spec = {"model": str(Path(staged.name) if staged else art.path), "artifact": str(Path(art.path).resolve()),
                 "sparsities": list(sparsities), "tp_size": tp_size, "channel_multiple": channel_multiple,
+                "exports": None if exports is None else [str(exports[s]) for s in sparsities],
                 "prompts": prompts, "new_tokens": new_tokens,
                 "engine": {"dtype": "float32", "enforce_eager": True, "seed": 0, "max_model_len": max_len,
                            "tensor_parallel_size": tp_size, "skip_tokenizer_init": True,
@@ -131,13 +133,16 @@ def vllm_child() -> None:
 
     results = {}
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0, ignore_eos=True, detokenize=False)
-    for s in spec["sparsities"]:
+    for i, s in enumerate(spec["sparsities"]):
         t = time.perf_counter()
         llm = None
         try:
-            overrides = vllm_overrides(spec["artifact"], s, tp_size=spec["tp_size"],
-                                       channel_multiple=spec["channel_multiple"])
-            llm = LLM(spec["model"], hf_overrides=overrides, **spec["engine"])
+            if spec.get("exports"):  # an exported slice carries its widths in its config
+                llm = LLM(spec["exports"][i], **spec["engine"])
+            else:
+                overrides = vllm_overrides(spec["artifact"], s, tp_size=spec["tp_size"],
+                                           channel_multiple=spec["channel_multiple"])
+                llm = LLM(spec["model"], hf_overrides=overrides, **spec["engine"])
             engine_s = time.perf_counter() - t
             outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
             results[s] = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "engine_s": engine_s,

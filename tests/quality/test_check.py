@@ -13,7 +13,7 @@ from gisp_deploy.families import ModelShape
 from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.quality.check import check
 from gisp_deploy.quality.vllm_greedy import compare_greedy
-from tests.factory import EXAMPLE_HELDOUT, make_model_dir
+from tests.factory import EXAMPLE_HELDOUT, calibration_windows, make_model_dir
 
 
 def _vllm_dist():
@@ -97,6 +97,22 @@ def servable(tmp_path_factory):
 
 
 SERVE_CHECK = "s=0.4: vLLM greedy tokens equal the compact model's"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_serve_check_of_a_corrected_slice(servable, tmp_path):
+    """--serve --refit: vLLM serves the corrected slice (exported with its correction, as serve --refit does) and
+    its greedy tokens must equal the corrected compact model's."""
+    from gisp_deploy.artifact import load_artifact
+
+    art = load_artifact(servable)
+    calibrated = write_artifact(tmp_path / "calibrated", servable, art.ranking, {"method": "magnitude"},
+                                calibration=calibration_windows(length=32))
+    c = check(calibrated, [0.4], serve=True, serve_timeout=300, refit="ls")
+    by_name = {r.name: r for r in c.results}
+    assert c.ok, [(r.name, r.message) for r in c.results if not r.ok]
+    assert "identical" in by_name[SERVE_CHECK].message
 
 
 @needs_vllm
