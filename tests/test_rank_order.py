@@ -118,3 +118,16 @@ def test_reorder_command(pairs, tmp_path):
     r = run_cli("reorder", ranked.path, "--out", tmp_path / "y")
     assert r.returncode != 0 and "rank-ordered already" in r.stderr
     assert "gisp-deploy reorder" in run_cli("reorder", "--help").stdout
+
+
+def test_device_gather_path_takes_row_prefixes_from_the_file(pairs):
+    gather = pytest.importorskip("gisp_deploy.kernels.gather")
+    if not (gather.HAS_TRITON and gather.interpreting()):
+        pytest.skip("needs triton (run under TRITON_INTERPRET=1, as tests/conftest.py sets)")
+    orig, ranked = pairs("qwen2-gqa")
+    want = load(orig, 0.45).state_dict()
+    got = load(ranked, 0.45, gather="device")
+    ids = probe_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, load(orig, 0.45)(ids).logits, atol=1e-5, rtol=0)
+    assert got.state_dict().keys() == want.keys()

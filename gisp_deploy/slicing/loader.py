@@ -42,8 +42,9 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
     CPU (default): positioned reads into the compact tensors (kept rows / columns, via one staging buffer).
-    on_device: dense tensors read whole onto the reader's device, and every `budget` bytes of them gathered
-    in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
+    on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
+    the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
+    reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
     indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
     memory-mapped on the CPU as transformers loads a dense model."""
     budget = GATHER_BUDGET if budget is None else budget
@@ -71,6 +72,11 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
             finish(key, reader.source(key))
             continue
         rows, cols = source_indices(key, layouts, head_dim)
+        if cols is None:  # the whole tensor, or one run of rows: only those bytes, from the mapped file
+            view = reader.mapped(key, rows, 0)
+            if view is not None:
+                finish(key, view)
+                continue
         src = reader.source(key)
         pending.append((key, src, rows, cols))
         held += src.numel() * src.element_size()
