@@ -4,8 +4,9 @@
 
 Writes a random bf16 checkpoint (4 shards) and a random-method ranking once, then times, each in a fresh
 process after a warm-up read: transformers `from_pretrained(..., device_map="cuda")` of the dense model, and
-`gisp_deploy.load(artifact, s, device="cuda")` at s = 0, 0.2, 0.4, 0.5; plus logits of the 0.4 slice against
-the oracle on a short probe.
+`gisp_deploy.load(artifact, s, device="cuda")` at s = 0, 0.2, 0.4, 0.5, and the same weights with the ranking
+renumbered into its own order (the slices of a rank-ordered artifact: row prefixes copied from the mapped file,
+only their bytes) at 0.4, 0.5, 0.2; plus logits of each 0.4 slice against the oracle on a short probe.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     from gisp_deploy.artifact import write_artifact
     from gisp_deploy.families import ModelShape
     from gisp_deploy.pruning.methods import PruneConfig, prune
+    from gisp_deploy.rank_order import layer_orders, reordered_ranking
 
     art = work / "artifact"
     if art.exists():
@@ -94,6 +96,10 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     ranking = prune(None, ModelShape.from_config(cfg), None,
                     PruneConfig(method="random", max_sparsity=0.6, protect_first=0, protect_last=0))
     write_artifact(art, src, ranking, {"method": "random"}, copy_weights=False)
+    # the same random weights with the ranking renumbered into its own order: slices as a rank-ordered artifact's
+    # (row / column prefixes), without rewriting 13 GB of weights that are random anyway
+    write_artifact(work / "artifact-ranked", src, reordered_ranking(ranking, layer_orders(ranking)),
+                   {"method": "random"}, copy_weights=False)
     return art
 
 
@@ -105,15 +111,18 @@ def main():
     args = ap.parse_args()
     art = make_checkpoint(Path(args.work), args.layers)
     rows = []
-    runs = [("dense", 0.0), ("dense", 0.0), ("compact", 0.0), ("compact", 0.2), ("compact", 0.4), ("compact", 0.5)]
-    for k, (mode, s) in enumerate(runs):
-        res = subprocess.run([sys.executable, "-c", PROBE, mode, str(art), str(s)], capture_output=True, text=True,
-                             cwd=ROOT)
+    ranked = art.parent / "artifact-ranked"
+    runs = [("dense", art, 0.0), ("dense", art, 0.0), ("compact", art, 0.0), ("compact", art, 0.2),
+            ("compact", art, 0.4), ("compact", ranked, 0.4), ("dense", art, 0.0), ("compact", art, 0.5),
+            ("compact", ranked, 0.5), ("compact", ranked, 0.2)]
+    for k, (mode, where, s) in enumerate(runs):
+        res = subprocess.run([sys.executable, "-c", PROBE, mode, str(where), str(s)], capture_output=True,
+                             text=True, cwd=ROOT)
         if res.returncode:
             rows.append({"mode": mode, "sparsity": s, "error": res.stderr[-1500:]})
         else:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        rows[-1]["warmup"] = k == 0
+        rows[-1].update(warmup=k == 0, layout="rank-ordered" if where == ranked else "source order")
         print(rows[-1], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_load.json").write_text(json.dumps({"command": "PYTHONPATH=. python bench/gpu_load.py",
