@@ -9,7 +9,7 @@ calibration windows; `load_s` is that load, on this machine's CPU) and evaluated
 `gisp-deploy eval ARTIFACT --sparsities S --refit R --text T --seq-lens 128 --max-tokens N [--task F] --json` does
 (same function, gisp_deploy.quality.evaluate.evaluate_slices, in one process so the model code is imported once).
 Writes OUT/results.json (records, command, environment) and OUT/table.md after every slice, so an interrupted
-run keeps what it measured.
+run keeps what it measured. `--merge A/results.json B/results.json --out DIR` writes one table of several runs.
 """
 
 from __future__ import annotations
@@ -61,9 +61,46 @@ def table(records: list[dict], sparsities: list[float], refits: list[str]) -> st
     return "\n".join(lines)
 
 
+def write(out: Path, meta: dict, records: list[dict], sparsities: list[float]) -> None:
+    """OUT/results.json (records and how they were measured) and OUT/table.md."""
+    (out / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
+    commands = meta.get("commands", [meta["command"]])
+    (out / "table.md").write_text(
+        f"Held-out perplexity, 128-token windows, first {meta['max_tokens']:,} tokens of each text, fp32, CPU; "
+        f"corrections with ridge {meta['ridge']:g} (relative); in parentheses: change against the plain slice; "
+        "acc: multiple-choice accuracy on each task file.\n\n"
+        + table(records, sparsities, list(dict.fromkeys(r["refit_asked"] for r in records)))
+        + "\n\nCommands (results.json gives each record's):\n\n"
+        + "\n".join(f"    {c}" for c in commands) + "\n\n"
+        "Each cell is what `gisp-deploy eval ARTIFACT --sparsities S --refit R --text "
+        "TEXT --seq-lens 128 --max-tokens N [--task F] --json` measures (results.json has each record's command).\n")
+
+
+def merge(paths: list[str], out: Path, sparsities: list[float], command: str) -> None:
+    """One table from several runs' results.json (each cell measured once, by the command its record names)."""
+    metas, records, seen = [], [], set()
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        metas.append(d)
+        for r in d["results"]:
+            key = (r["artifact"], r["sparsity"], r["refit_asked"], r.get("text"), r.get("task"))
+            if key not in seen:
+                seen.add(key)
+                records.append({**r, "command": r.get("command", d["command"])})
+    if len({(m["ridge"], m["max_tokens"]) for m in metas}) != 1:
+        raise SystemExit("error: the runs differ in ridge or --max-tokens; merge runs of one setting")
+    meta = {**metas[0], "command": command,
+            "commands": sorted({c for m in metas for c in [m["command"], *m.get("commands", [])]})}
+    meta.pop("results", None)
+    out.mkdir(parents=True, exist_ok=True)
+    write(out, meta, records, sparsities)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("artifacts", nargs="*")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="write OUT's table from these runs' "
+                    "results.json instead of measuring")
     ap.add_argument("--refits", default="none,ls,ec,ecr")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -75,6 +112,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep OUT/results.json's records (each with the command "
                     "that measured it) and measure only the cells it lacks")
     args = ap.parse_args()
+    command = shlex.join(["python", "bench/refit_table.py", *sys.argv[1:]])
+    if args.merge:
+        return merge(args.merge, Path(args.out), [float(x) for x in args.sparsities.split(",")], command)
     import torch
 
     from gisp_deploy.artifact import load_artifact
@@ -89,7 +129,6 @@ def main():
     tasks = [t for t in args.tasks.split(",") if t]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "bench/refit_table.py", *sys.argv[1:]])
     meta = {"command": command, "ridge": ridge, "max_tokens": args.max_tokens, "seq_len": 128,
             "texts": [str(t) for t in TEXTS], "torch_threads": args.threads, "python": platform.python_version(),
             "torch": torch.__version__}
@@ -120,17 +159,10 @@ def main():
                 records += recs
                 print(json.dumps({"artifact": art.path.name, "s": s, "refit": refit,
                                   "ppl": [round(r["perplexity"], 2) for r in recs if "perplexity" in r],
-                                  "acc": [round(r["accuracy"], 4) for r in recs if "accuracy" in r], "s_wall": round(wall, 1)}),
+                                  "acc": [round(r["accuracy"], 4) for r in recs if "accuracy" in r],
+                                  "s_wall": round(wall, 1)}),
                       flush=True)
-                (out / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
-                (out / "table.md").write_text(
-                    f"Held-out perplexity, 128-token windows, first {args.max_tokens:,} tokens of each text, fp32, CPU; "
-                    f"corrections with ridge {ridge:g} (relative); in parentheses: change against the plain slice.\n\n"
-                    + table(records, sparsities, list(dict.fromkeys(r["refit_asked"] for r in records)))
-                    + "\n\nCommands (results.json gives each record's):\n\n"
-                    + "\n".join(f"    {c}" for c in meta.get("commands", [command])) + "\n\n"
-                    "Each cell is what `gisp-deploy eval ARTIFACT --sparsities S --refit R --text "
-                    "TEXT --seq-lens 128 --max-tokens N --json` measures (results.json has each record's command).\n")
+                write(out, meta, records, sparsities)
 
 
 if __name__ == "__main__":
