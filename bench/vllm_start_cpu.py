@@ -1,10 +1,12 @@
 """vLLM start of a slice against the dense model, on CPU: process start -> first successful /v1/completions.
 
     python bench/vllm_start_cpu.py ARTIFACT [--sparsity 0.4] [--repeats 2] [--work /tmp/gisp-vllm-start]
-        [--dtype float32] [--dense DIR] [--out bench/results/vllm_start_cpu.json]
+        [--dtype float32] [--dense DIR] [--ranked] [--out bench/results/vllm_start_cpu.json]
 
-Three servers, started in turns (A B C A B C ...), each in a fresh process group on 127.0.0.1:
+Three servers (four with --ranked), started in turns (A B C A B C ...), each in a fresh process group on
+127.0.0.1:
   serve    `gisp-deploy serve ARTIFACT --sparsity S` (the plugin slices the dense weights as vLLM reads them)
+  ranked   the same, on ARTIFACT rewritten rank-ordered once beforehand (`gisp_deploy.reorder`, not timed)
   export   the slice exported once beforehand (`gisp_deploy.export`, not timed), served by vLLM's own server
   dense    the artifact's source model, served by vLLM's own server
 vLLM's server is started the way `serve` starts it (gisp_deploy.serving.launch.vllm_main: the distribution's
@@ -111,6 +113,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--dtype", default="float32", help="vLLM's --dtype, and the export's")
     ap.add_argument("--dense", help="the dense model's directory (default: the artifact's weights)")
+    ap.add_argument("--ranked", action="store_true", help="also serve the artifact rewritten rank-ordered")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_start_cpu.json"))
     args = ap.parse_args()
     from gisp_deploy import export
@@ -122,19 +125,25 @@ def main():
     exported = work / f"export-{args.sparsity:g}"
     if not exported.is_dir():
         export(art, exported, args.sparsity, dtype=args.dtype)
+    ranked = work / "artifact-ranked"
+    if args.ranked and not ranked.is_dir():
+        from gisp_deploy import reorder
+
+        reorder(art.path, ranked)
     vllm_args = [*VLLM_ARGS, "--dtype", args.dtype]
     dense_dir = Path(args.dense or (art.weights_dir if art.manifest["weights"]["copied"]
                                     else art.manifest["weights"]["source"]))
 
     def argv(kind: str, port: int) -> list[str]:
-        if kind == "serve":
-            return [sys.executable, "-m", "gisp_deploy.cli", "serve", str(art.path), "--sparsity",
-                    str(args.sparsity), "--port", str(port), "--served-model-name", NAME, "--", *vllm_args]
+        if kind in ("serve", "ranked"):
+            return [sys.executable, "-m", "gisp_deploy.cli", "serve", str(art.path if kind == "serve" else ranked),
+                    "--sparsity", str(args.sparsity), "--port", str(port), "--served-model-name", NAME, "--",
+                    *vllm_args]
         model = exported if kind == "export" else dense_dir
         return [*VLLM_SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", NAME, *vllm_args]
 
-    kinds = ["serve", "export", "dense"]
+    kinds = ["serve", *(["ranked"] if args.ranked else []), "export", "dense"]
     rows = []
     for rep in range(args.repeats):
         for kind in kinds:
@@ -145,7 +154,7 @@ def main():
                   f"{r['loadavg_1m'][1]:.1f}", flush=True)
     summary = {k: {"ready_s": spread([r["ready_s"] for r in rows if r["kind"] == k]),
                    "peak_rss_mb": spread([r["peak_rss_mb"] for r in rows if r["kind"] == k])} for k in kinds}
-    for k in ("serve", "export"):  # each start against the dense start of its own round
+    for k in kinds[:-1]:  # each start against the dense start of its own round
         summary[k]["ready_over_dense"] = spread([a["ready_s"] / b["ready_s"] for a, b in
                                                  zip([r for r in rows if r["kind"] == k],
                                                      [r for r in rows if r["kind"] == "dense"])])
