@@ -94,11 +94,12 @@ def is_artifact(path: Path) -> bool:
 
 def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict, *, copy_weights: bool = True,
                    overwrite: bool = False, calibration=None, rank_ordered: bool = False,
-                   weights_dir: Path | None = None) -> Path:
+                   weights_dir: Path | None = None, progress=None) -> Path:
     """Write config, tokenizer, weights (or their reference), ranking and manifest atomically to `out`;
     `calibration` (a data.Calibration) is stored as the statistics of load-time corrections (STATISTICS).
     `rank_ordered`: the weights and the ranking renumbered so that every slice keeps prefixes (rank_order.py).
-    `weights_dir`: where the weight files are, when not in `source_dir` (an artifact that references them)."""
+    `weights_dir`: where the weight files are, when not in `source_dir` (an artifact that references them).
+    `progress(description, total, unit) -> advance(n)` is told of the renumbering, tensor by tensor."""
     source_dir = Path(source_dir)
     weights_dir = source_dir if weights_dir is None else Path(weights_dir)
     weights = weight_files(weights_dir)
@@ -110,12 +111,20 @@ def write_artifact(out: Path, source_dir: Path, ranking: Ranking, manifest: dict
         manifest = dict(manifest)
         if rank_ordered:
             from .rank_order import LAYOUT_KEY, RANK_ORDERED, layer_orders, permuted, reordered_ranking
-            from .safetensors_file import rewrite
+            from .safetensors_file import ShardFile, rewrite
 
             orders = layer_orders(ranking)
+            total = 0
             for f in weights:
-                rewrite(f, tmp / f.name,
-                        lambda name, t: permuted(name, t, orders, ranking.shape.head_dim))
+                with ShardFile(f) as shard:
+                    total += len(shard.keys())
+            advance = progress("renumbering", total, "tensors") if progress else (lambda n: None)
+
+            def renumbered(name, t):
+                advance(1)
+                return permuted(name, t, orders, ranking.shape.head_dim)
+            for f in weights:
+                rewrite(f, tmp / f.name, renumbered)
             ranking = reordered_ranking(ranking, orders)
             manifest[LAYOUT_KEY] = RANK_ORDERED
         hashes = {}

@@ -181,6 +181,6 @@ def reorder(
     read_manifest(artifact)  # a mistyped path answers before the heavy imports
     from ..pruning.reorder import reorder as run
 
-    with console.status("renumbering"):
-        written = run(artifact, out, overwrite=overwrite)
+    with progress_bar() as bars:
+        written = run(artifact, out, overwrite=overwrite, progress=pass_reporter(bars))
     console.print(f"[green]wrote[/] {written}: {artifact}, rank-ordered", soft_wrap=True)

@@ -12,11 +12,12 @@ from ..rank_order import LAYOUT_KEY, RANK_ORDERED
 RECOMPUTED = ("format", "format_version", "weights", "files", "ranking_sha256", "statistics", LAYOUT_KEY)
 
 
-def reorder(artifact, out, *, overwrite: bool = False) -> Path:
+def reorder(artifact, out, *, overwrite: bool = False, progress=None) -> Path:
     """`gisp-deploy reorder` from Python: write `artifact` (a path) to `out` with every layer's heads and channels
     renumbered in the order its ranking keeps them (gisp_deploy/rank_order.py). Every slice of the new artifact
     computes what the same slice of the old one does; the manifest records `reordered_from` (the old manifest's
-    sha256) and keeps everything else the run recorded."""
+    sha256) and keeps everything else the run recorded. `progress(description, total, unit) -> advance(n)`
+    sees the tensors as they are rewritten."""
     art = load_artifact(artifact)  # every byte verified before it is rewritten
     out = Path(out)
     if out.resolve() == art.path.resolve():
@@ -29,4 +30,4 @@ def reorder(artifact, out, *, overwrite: bool = False) -> Path:
     manifest["reordered_from"] = art.digest
     with output_lock(out):
         return write_artifact(out, art.path, art.ranking, manifest, overwrite=overwrite, calibration=calibration,
-                              rank_ordered=True, weights_dir=art.weights_dir)
+                              rank_ordered=True, weights_dir=art.weights_dir, progress=progress)

@@ -110,7 +110,7 @@ def _run(model: str, calib_paths: list, out: Path, cfg: PruneConfig, *, device, 
     manifest = _manifest(cfg, run_cfg, shape, calib, model, compute, where=where, dtype=dt, elapsed=elapsed,
                          tokens=scored)
     _write(out, model_dir, ranking, manifest, progress, copy_weights=copy_weights, overwrite=overwrite,
-           calibration=calib, rank_ordered=rank_ordered)
+           calibration=calib, rank_ordered=rank_ordered, report=on_pass)
     return {"artifact": str(out), "method": cfg.method, "coverage": ranking.coverage,
             "structures": len(ranking), "covered": ranking.num_covered,
             "wall_s": time.perf_counter() - t0, "tokens_scored": scored,
@@ -206,12 +206,12 @@ def _manifest(cfg: PruneConfig, run_cfg: PruneConfig, shape: ModelShape, calib, 
 
 
 def _write(out: Path, model_dir: Path, ranking, manifest: dict, progress: RunProgress, *, copy_weights: bool,
-           overwrite: bool, calibration=None, rank_ordered: bool = False) -> None:
+           overwrite: bool, calibration=None, rank_ordered: bool = False, report=None) -> None:
     """Write the artifact; on a full disk the finished ranking stays in the progress folder for --resume."""
     progress.mark_finished(manifest["run"]["id"])
     try:
         write_artifact(out, model_dir, ranking, manifest, copy_weights=copy_weights, overwrite=overwrite,
-                       calibration=calibration, rank_ordered=rank_ordered)
+                       calibration=calibration, rank_ordered=rank_ordered, progress=report)
     except WriteError as e:
         if not progress.exists():  # methods without steps keep no progress: they are quick to run again
             raise
