@@ -1,5 +1,5 @@
 """An artifact is untrusted input: crafted artifacts, each run through `load`, `eval`, `export`, serve's
-pre-flight (`slice_summary`) and `check`. Every one is refused with one line, nothing outside it is read
+pre-flight (`check_slice`, `slice_summary`) and `check`. Every one is refused with one line, nothing outside it is read
 (tripwire files whose access time would change), no code runs, nothing is written outside.
 
 Most crafted artifacts are "resealed": their manifest is rewritten to match the changed files, as an attacker
@@ -25,7 +25,7 @@ from gisp_deploy.families import ModelShape
 from gisp_deploy.integrity import sha256_file
 from gisp_deploy.pruning.methods import PruneConfig, prune
 from gisp_deploy.ranking import RemovalCounter
-from gisp_deploy.serving.summary import slice_summary
+from gisp_deploy.serving.summary import check_slice, slice_summary
 from tests.factory import EXAMPLE_HELDOUT, ROOT, make_model_dir
 
 WEIGHTS = "model.safetensors"
@@ -201,7 +201,9 @@ def test_crafted_artifact_is_refused_everywhere(good, tmp_path, outside, case):
         gisp_deploy.export(art, tmp_path / "export", 0.4)
     assert not (tmp_path / "export").exists()
     with pytest.raises(ArtifactError, match=message):
-        slice_summary(art, 0.4)  # what `serve` runs before vLLM is started
+        check_slice(art, 0.4)  # what `serve` runs before vLLM is started
+    with pytest.raises(ArtifactError, match=message):
+        slice_summary(art, 0.4)
     checker = gisp_deploy.check(art, [0.4], json_report=tmp_path / "check.json")
     assert not checker.ok and message in next(r.message for r in checker.results if not r.ok)
     assert json.loads((tmp_path / "check.json").read_text())["ok"] is False
@@ -277,7 +279,9 @@ def test_a_crafted_export_is_refused_before_vllm_reads_it(good, tmp_path, outsid
     _index(export, "../outside/model.safetensors")
     before = _trip(outside)
     with pytest.raises(ArtifactError, match="points outside"):
-        slice_summary(export)  # what `serve EXPORT` runs before vLLM is started
+        check_slice(export)  # what `serve EXPORT` runs before vLLM is started
+    with pytest.raises(ArtifactError, match="points outside"):
+        slice_summary(export)
     assert {f.name: f.stat().st_atime_ns for f in outside.iterdir()} == before
 
 

@@ -28,7 +28,7 @@ from ..budget import format_bytes
 from ..families import family_named
 from .process import ServeError, child_env, die_with_parent, require_vllm, staged_model_dir, stop_tree, vllm_distribution
 from .settings import VllmSettings, budget_settings, capacity_line, flag_value, has_flag, merged_args, vllm_int
-from .summary import has_chat_template, is_exported, slice_summary
+from .summary import check_slice, has_chat_template, is_exported, slice_summary
 
 
 def vllm_overrides(artifact, sparsity: float, *, tp_size: int = 1, channel_multiple: int = 1,
@@ -114,9 +114,10 @@ def _read(url: str) -> str:
         return ""
 
 
-def run_server(cmd: list[str], *, env: dict, health_url: str, on_ready, log=print) -> int:
+def run_server(cmd: list[str], *, env: dict, health_url: str, on_ready, on_start=None, log=print) -> int:
     """Run `cmd` in its own session until it exits or this process gets SIGINT/SIGTERM/SIGHUP; returns the
-    child's exit status (0 after a stop by signal). The process tree is always stopped on the way out."""
+    child's exit status (0 after a stop by signal). `on_start()` runs once the child is started (while it boots).
+    The process tree is always stopped on the way out."""
     stopping: list[int] = []
 
     def handler(signum, frame):
@@ -127,6 +128,8 @@ def run_server(cmd: list[str], *, env: dict, health_url: str, on_ready, log=prin
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     ready = False
     try:
+        if on_start:
+            on_start()
         while not stopping and proc.poll() is None:
             if not ready and _ready(health_url):
                 ready = True
@@ -220,9 +223,10 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     extra = merged_args(extra, settings)
     if on_plan and budget:
         on_plan(result)
-    summary = slice_summary(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple,
-                            dtype=flag_value(extra, "--dtype"), verify=verify, expect_digest=expect_digest)
-    name = served_model_name or (f"{summary.name}@{sparsity:g}" if sparsity is not None else summary.name)
+    check_slice(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple, verify=verify,
+                expect_digest=expect_digest)  # what the summary would refuse, refused before vLLM starts
+    base_name = artifact.resolve().name
+    name = served_model_name or (f"{base_name}@{sparsity:g}" if sparsity is not None else base_name)
     if not _port_free(host, port):
         raise ServeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
                          "choose another --port / --host")
@@ -233,17 +237,22 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
                            model_dir=Path(staged.name) if staged else None, verify=verify)
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
-        for line in banner(artifact, summary, name=name, base=base, tensor_parallel_size=tensor_parallel_size,
-                           channel_multiple=channel_multiple, settings=settings,
-                           chat_template=has_chat_template(artifact) or has_flag(extra, "--chat-template")):
-            log(line)
+        def on_start():  # while vLLM boots: the summary imports transformers' model code, seconds of it
+            summary = slice_summary(artifact, sparsity, tp_size=tensor_parallel_size,
+                                    channel_multiple=channel_multiple, dtype=flag_value(extra, "--dtype"),
+                                    verify=False)
+            for line in banner(artifact, summary, name=name, base=base, tensor_parallel_size=tensor_parallel_size,
+                               channel_multiple=channel_multiple, settings=settings,
+                               chat_template=has_chat_template(artifact) or has_flag(extra, "--chat-template")):
+                log(line)
+
         def on_ready():
             if fit_memory is not None:  # the plan is only as good as its reserve: say what vLLM made of it
                 log(capacity_line(_read(f"{base}/metrics"), settings))
             log(f"serving {name!r} at {base}/v1 (Ctrl-C to stop)")
 
         rc = run_server(cmd, env=child_env(tensor_parallel_size), health_url=f"{base}/health", on_ready=on_ready,
-                        log=log)
+                        on_start=on_start, log=log)
     finally:
         if staged:
             staged.cleanup()

@@ -77,15 +77,30 @@ def _dtype_name(dtype, cfg: dict) -> str:
     return str(name).replace("torch.", "")
 
 
-def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
-                  dtype: str | None = None, verify: bool = True, expect_digest: str | None = None) -> SliceSummary:
-    """What serving `path` (an artifact at `sparsity`, or an exported slice) loads: widths, parameters, KV bytes."""
+def check_slice(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
+                verify: bool = True, expect_digest: str | None = None) -> None:
+    """Refuse what `slice_summary` would refuse, without transformers' model code: an exported slice given a
+    sparsity, or one whose shards are unsound; an artifact without a sparsity, damaged, or not covering it."""
     path = Path(path)
     if is_exported(path):
         if sparsity is not None:
             raise ServeError(f"{path} is an exported slice (config.json has gisp_layers): it is served as it is; "
                              "drop --sparsity (or serve the artifact it was exported from)")
         check_weights_dir(path)  # vLLM reads them next: every shard inside the export, every header sound
+        return
+    if sparsity is None:
+        raise ServeError(f"{path}: pass --sparsity, e.g. --sparsity 0.4 (the artifact serves any sparsity up to "
+                         "its coverage; `gisp-deploy inspect` lists them)")
+    art = load_artifact(path, verify=verify, expect_digest=expect_digest)
+    plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
+
+
+def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
+                  dtype: str | None = None, verify: bool = True, expect_digest: str | None = None) -> SliceSummary:
+    """What serving `path` (an artifact at `sparsity`, or an exported slice) loads: widths, parameters, KV bytes."""
+    path = Path(path)
+    if is_exported(path):
+        check_slice(path, sparsity)
         cfg = json.loads((path / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         specs = cfg[CONFIG_KEY]
@@ -101,8 +116,7 @@ def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, chan
         from ..modeling import padding_params, plan_layouts  # transformers' model code: only where needed
 
         if sparsity is None:
-            raise ServeError(f"{path}: pass --sparsity, e.g. --sparsity 0.4 (the artifact serves any sparsity up to "
-                             "its coverage; `gisp-deploy inspect` lists them)")
+            check_slice(path, sparsity)
         art = load_artifact(path, verify=verify, expect_digest=expect_digest)
         plan = plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
         layers = [(len(l.q_src), len(l.kv_src), len(l.channels)) for l in plan_layouts(plan)]

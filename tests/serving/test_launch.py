@@ -17,7 +17,7 @@ class Stop(Exception):
                                                 ("127.0.0.1", None, False), ("10.1.2.3", None, True)])
 def test_an_open_interface_without_a_key_is_warned_about(tmp_path, monkeypatch, host, key, warned):
     monkeypatch.setattr(launch, "require_vllm", lambda: None)
-    monkeypatch.setattr(launch, "slice_summary", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    monkeypatch.setattr(launch, "check_slice", lambda *a, **k: (_ for _ in ()).throw(Stop()))
     if key:
         monkeypatch.setenv("VLLM_API_KEY", key)
     else:
@@ -64,10 +64,15 @@ def test_banner_says_when_chat_completions_will_fail(tmp_path, template):
 
 def test_serve_prints_the_hint_unless_a_template_is_passed(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "require_vllm", lambda: None)
+    monkeypatch.setattr(launch, "check_slice", lambda *a, **k: None)
     monkeypatch.setattr(launch, "slice_summary", lambda *a, **k: _summary())
     monkeypatch.setattr(launch, "staged_model_dir", lambda path: None)
     monkeypatch.setattr(launch, "vllm_command", lambda *a, **k: ["true"])
-    monkeypatch.setattr(launch, "run_server", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+
+    def started(*a, on_start, **k):  # the banner is printed once vLLM is started, while it boots
+        on_start()
+        raise Stop
+    monkeypatch.setattr(launch, "run_server", started)
     for extra, warned in (([], True), (["--chat-template", "t.jinja"], False), (["--chat-template=t.jinja"], False)):
         said = []
         with pytest.raises(Stop):
@@ -95,8 +100,10 @@ def captured(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     seen = {}
 
-    def run_server(cmd, **kwargs):
+    def run_server(cmd, on_start=None, **kwargs):
         seen["cmd"] = cmd
+        if on_start:
+            on_start()  # the banner, printed while vLLM would boot
         return 0
     monkeypatch.setattr(launch, "run_server", run_server)
     return seen
