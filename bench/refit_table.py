@@ -27,9 +27,10 @@ SHARED = ROOT.parent / "shared"
 TEXTS = [SHARED / "data" / "heldout" / "persuasion.txt.gz", SHARED / "data" / "heldout" / "treasury_of_david_tail.txt.gz"]
 
 
-def table(records: list[dict], sparsities: list[float], refits: list[str]) -> str:
-    """One row per (artifact, correction): perplexity per text and sparsity, and the change against plain;
-    then task accuracy per sparsity, where measured."""
+def table(records: list[dict], sparsities: list[float], refits: list[str], baseline: str | None = None) -> str:
+    """One row per (artifact, correction): perplexity per text and sparsity, and the change against the plain
+    slice of the same artifact (of `baseline`, an artifact's name, if given); then task accuracy per sparsity,
+    where measured."""
     texts = sorted({r["text"] for r in records if r.get("measure", "perplexity") == "perplexity"})
     tasks = sorted({Path(r["task"]).stem for r in records if r.get("measure") == "accuracy"})
     head = "| artifact | refit | " + " | ".join(f"{t.split('.')[0][:10]} {s:g}" for t in texts for s in sparsities)
@@ -46,10 +47,10 @@ def table(records: list[dict], sparsities: list[float], refits: list[str]) -> st
             cells = []
             for t in texts:
                 for s in sparsities:
-                    v, base = ppl.get((name, refit, s, t)), ppl.get((name, "none", s, t))
+                    v, base = ppl.get((name, refit, s, t)), ppl.get((baseline or name, "none", s, t))
                     if v is None:
                         cells.append("")
-                    elif refit == "none" or base is None:
+                    elif (name == (baseline or name) and refit == "none") or base is None:
                         cells.append(f"{v:.1f}")
                     else:
                         cells.append(f"{v:.1f} ({100 * (v / base - 1):+.1f}%)")
@@ -61,22 +62,23 @@ def table(records: list[dict], sparsities: list[float], refits: list[str]) -> st
     return "\n".join(lines)
 
 
-def write(out: Path, meta: dict, records: list[dict], sparsities: list[float]) -> None:
+def write(out: Path, meta: dict, records: list[dict], sparsities: list[float], baseline: str | None = None) -> None:
     """OUT/results.json (records and how they were measured) and OUT/table.md."""
     (out / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
     commands = meta.get("commands", [meta["command"]])
     (out / "table.md").write_text(
         f"Held-out perplexity, 128-token windows, first {meta['max_tokens']:,} tokens of each text, fp32, CPU; "
-        f"corrections with ridge {meta['ridge']:g} (relative); in parentheses: change against the plain slice; "
-        "acc: multiple-choice accuracy on each task file.\n\n"
-        + table(records, sparsities, list(dict.fromkeys(r["refit_asked"] for r in records)))
+        f"corrections with ridge {meta['ridge']:g} (relative); in parentheses: change against "
+        + (f"{baseline}'s plain slice" if baseline else "the plain slice")
+        + "; acc: multiple-choice accuracy on each task file.\n\n"
+        + table(records, sparsities, list(dict.fromkeys(r["refit_asked"] for r in records)), baseline)
         + "\n\nCommands (results.json gives each record's):\n\n"
         + "\n".join(f"    {c}" for c in commands) + "\n\n"
         "Each cell is what `gisp-deploy eval ARTIFACT --sparsities S --refit R --text "
         "TEXT --seq-lens 128 --max-tokens N [--task F] --json` measures (results.json has each record's command).\n")
 
 
-def merge(paths: list[str], out: Path, sparsities: list[float], command: str) -> None:
+def merge(paths: list[str], out: Path, sparsities: list[float], command: str, baseline: str | None = None) -> None:
     """One table from several runs' results.json (each cell measured once, by the command its record names)."""
     metas, records, seen = [], [], set()
     for p in paths:
@@ -93,7 +95,7 @@ def merge(paths: list[str], out: Path, sparsities: list[float], command: str) ->
             "commands": sorted({c for m in metas for c in [m["command"], *m.get("commands", [])]})}
     meta.pop("results", None)
     out.mkdir(parents=True, exist_ok=True)
-    write(out, meta, records, sparsities)
+    write(out, meta, records, sparsities, baseline)
 
 
 def main():
@@ -101,6 +103,8 @@ def main():
     ap.add_argument("artifacts", nargs="*")
     ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="write OUT's table from these runs' "
                     "results.json instead of measuring")
+    ap.add_argument("--baseline", help="with --merge: the artifact (directory name) whose plain slices every "
+                    "change is measured against")
     ap.add_argument("--refits", default="none,ls,ec,ecr")
     ap.add_argument("--sparsities", default="0.2,0.3,0.4,0.5")
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -114,7 +118,8 @@ def main():
     args = ap.parse_args()
     command = shlex.join(["python", "bench/refit_table.py", *sys.argv[1:]])
     if args.merge:
-        return merge(args.merge, Path(args.out), [float(x) for x in args.sparsities.split(",")], command)
+        return merge(args.merge, Path(args.out), [float(x) for x in args.sparsities.split(",")], command,
+                     args.baseline)
     import torch
 
     from gisp_deploy.artifact import load_artifact
