@@ -1,4 +1,4 @@
-"""The safetensors format as gisp-deploy reads it: dtype codes, validated headers, and positioned reads.
+"""The safetensors format as gisp-deploy reads it: dtype codes, validated headers, positioned reads, mapped views.
 
 Headers are validated (a JSON object; dims non-negative; data offsets inside the file and matching the shape)
 before anything is allocated from them, and before transformers or vLLM is given the file.
@@ -130,8 +130,8 @@ class StagingBuffer:
 
 
 class ShardFile:
-    """One safetensors file read with positioned reads into given (or fresh) tensors: nothing stays mapped, and
-    no more than one staging buffer is held besides the destination (plus, when converting dtypes, one block's
+    """One safetensors file read with positioned reads into given (or fresh) tensors, or viewed through one
+    copy-on-write mapping (`mapped`); no more than one staging buffer is held besides the destination (plus, when converting dtypes, one block's
     gathered rows). The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
 
     def __init__(self, path: Path):

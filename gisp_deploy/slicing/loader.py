@@ -41,7 +41,8 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
                     copy_mapped: bool = True, on_device: bool = False, budget: int | None = None) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
-    CPU (default): positioned reads into the compact tensors (kept rows / columns, via one staging buffer).
+    CPU (default): one-run tensors mapped from the file, the others read into the compact tensors (kept rows /
+    columns, through the staging bytes; _read_positioned).
     on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
     the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
     reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch

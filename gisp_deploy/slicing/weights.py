@@ -1,4 +1,5 @@
-"""The dense checkpoint read by tensor name over its shards: positioned reads on the CPU, safetensors on a device."""
+"""The dense checkpoint read by tensor name over its shards: mapped views and positioned reads on the CPU,
+safetensors on a device."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..safetensors_file import ShardFile, StagingBuffer
 
 class WeightReader:
     """Tensor name -> its safetensors file, over the artifact's weight files (sharded or not). `device="cpu"`
-    reads with ShardFile (positioned reads); another device through safetensors onto that device."""
+    reads with ShardFile (mapped views, positioned reads); another device through safetensors onto that device."""
 
     def __init__(self, weights_dir: Path, device: str, *, links_may_leave: bool = False):
         self.dir = Path(weights_dir)
