@@ -131,8 +131,9 @@ class StagingBuffer:
 
 class ShardFile:
     """One safetensors file read with positioned reads into given (or fresh) tensors, or viewed through one
-    copy-on-write mapping (`mapped`); no more than one staging buffer is held besides the destination (plus, when converting dtypes, one block's
-    gathered rows). The header (8-byte length, JSON of dtype/shape/offsets) is the format's own."""
+    copy-on-write mapping (`mapped`); no more than one staging buffer is held besides the destination (plus,
+    when converting dtypes, one block's gathered rows). The header (8-byte length, JSON of dtype/shape/offsets)
+    is the format's own."""
 
     def __init__(self, path: Path):
         self.path = path
