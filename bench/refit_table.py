@@ -153,7 +153,7 @@ def main():
                     continue
                 t = time.perf_counter()
                 recs = evaluate_slices(art, tok, [s], [str(x) for x in TEXTS], (128,), max_tokens=args.max_tokens,
-                                       refit=refit, tasks=tasks)
+                                       refit=refit, ridge=ridge, tasks=tasks)
                 wall = time.perf_counter() - t
                 for r in recs:
                     r.update(refit_asked=refit, slice_and_eval_s=round(wall, 1), command=command,

@@ -11,6 +11,7 @@ from ..data import token_stream
 from ..hf import load_model
 from ..loss import sequence_nll
 from ..plan import plan_slice
+from ..refit import DEFAULT_RIDGE
 from ..slicing.loader import load
 from ..slicing.oracle import OracleSlicer
 from .lm_eval import LmEvalTasks, check_options, prepare_tasks, run_lm_eval
@@ -94,13 +95,13 @@ def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), 
                     device="cpu", dtype=torch.float32, tp_size: int = 1, channel_multiple: int = 1,
                     max_tokens: int | None = 65536, batch_size: int = 16, progress: Progress | None = None,
                     tasks=(), lm_eval_tasks=(), lm_eval_limit: int | None = None, num_fewshot: int | None = None,
-                    lm_eval_include_path=None, refit: str = "none") -> list[dict]:
+                    lm_eval_include_path=None, refit: str = "none", ridge: float = DEFAULT_RIDGE) -> list[dict]:
     """Measurement records of slices: perplexity per (sparsity, text, seq_len), accuracy per (sparsity, task),
     and lm-eval's metrics per (sparsity, lm-eval task, metric) — `lm_eval_tasks`: names in lm-eval's index or
     task YAML paths, resolved and their data read before any slice is loaded (or lm_eval.prepare_tasks'
     result); `lm_eval_limit`: the first N items of each. path="compact" loads each slice as a smaller model;
     "oracle" zeroes the removed structures of the dense model (what the compact model must compute).
-    refit: the load-time correction of each compact slice (load(..., refit=)); records carry it as "refit".
+    refit: the load-time correction of each compact slice (load(..., refit=, ridge=)); records carry it as "refit".
     progress(description, total, unit) -> advance(n), if given, is called before each pass, one per slice and
     text ("s=0.4 persuasion.txt.gz", its tokens) and per slice and task (its items); the pass then calls
     advance(n) as n more are done, up to its total."""
@@ -121,7 +122,8 @@ def evaluate_slices(artifact, tokenizer, sparsities, texts=(), seq_lens=(128,), 
     records = []
     for s in sparsities:
         plan = plan_slice(artifact.ranking, s, tp_size=tp_size, channel_multiple=channel_multiple)
-        model = slicer.apply(plan) if slicer else load(artifact, plan=plan, device=device, dtype=dtype, refit=refit)
+        model = slicer.apply(plan) if slicer else load(artifact, plan=plan, device=device, dtype=dtype, refit=refit,
+                                                       ridge=ridge)
         applied = (getattr(model.config, "gisp_refit", None) or {}).get("name", "none")
         base = {**slice_identity(artifact, plan), "path": path, "refit": applied}
         records += [{**base, **r} for r in measure_quality(model, tokenizer, streams, seq_lens, tasks,
