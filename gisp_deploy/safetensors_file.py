@@ -225,15 +225,12 @@ class ShardFile:
         """Rows src[i] -> out rows dst[i]: straight into out run by run when runs are long, else staged."""
         order = torch.argsort(src)
         src, dst = src[order], dst[order]  # read the file front to back
-        brk = torch.nonzero((src[1:] != src[:-1] + 1) | (dst[1:] != dst[:-1] + 1)).flatten() + 1
-        starts = torch.cat([torch.zeros(1, dtype=torch.long), brk]).tolist()
-        ends = [*starts[1:], len(src)]
+        runs = _runs(src, dst)
         covered = (int(src[-1]) - int(src[0]) + 1) * row_bytes
         flat = out.view(out.shape[0] if out.dim() else 1, -1)  # [R_out, C]
-        if out.dtype == dtype and len(starts) * READ_CALL_BYTES <= covered:
-            for i, j in zip(starts, ends):
-                d0, s0 = int(dst[i]), int(src[i])
-                self._fill(flat[d0:d0 + j - i], self.base + e["data_offsets"][0] + s0 * row_bytes)
+        if out.dtype == dtype and len(runs) * READ_CALL_BYTES <= covered:
+            for s0, d0, n in runs:
+                self._fill(flat[d0:d0 + n], self.base + e["data_offsets"][0] + s0 * row_bytes)
             return
         per = staging.rows(row_bytes)
         i = 0

@@ -5,9 +5,10 @@ mapped copy-on-write where a compact tensor is one contiguous run of a dense one
 file's dtype (whole tensors; the prefixes of a rank-ordered artifact), and read with positioned reads into the
 compact tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
 and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from
-there; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole onto the device and gathered
-there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes (several layers) in one launch for
-rows and one for columns. A slice that keeps everything is memory-mapped, as transformers does.
+there; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole
+onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
+(several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
+transformers does.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from ..layout import kept, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
 from ..refit import DEFAULT_RIDGE
-from .correction import correct, refit_record, statistics_or_notice
 from ..safetensors_file import StagingBuffer
+from .correction import correct, refit_record, statistics_or_notice
 from .weights import WeightReader
 
 CORRECTION_BIASES = ("o_proj.bias", "down_proj.bias")  # a corrected slice has them whatever its family's rules
@@ -45,8 +46,8 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     columns, through the staging bytes; _read_positioned).
     on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
     the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
-    reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns (ragged over layers, gisp_deploy/kernels/gather.py; torch
-    indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
+    reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns
+    (ragged over layers, gisp_deploy/kernels/gather.py; torch indexing without triton). With copy_mapped=False (a slice that keeps everything) tensors are taken whole,
     memory-mapped on the CPU as transformers loads a dense model."""
     budget = GATHER_BUDGET if budget is None else budget
     tied = set(_tied_keys(model))
