@@ -8,6 +8,16 @@ from pathlib import Path
 HUB_PREFIX = "hf://"  # `--calib hf://NAME`: a Hugging Face dataset; any other name is a local path
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}  # name -> torch's
+DTYPE_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # torch's name -> bytes (a test checks torch agrees)
+
+
+def dtype_bytes(name: str, default: int | None = None) -> int:
+    """Bytes per element of a dtype given by name ("bfloat16", "float32", "fp16", ...)."""
+    if name in DTYPE_NAMES:
+        return DTYPE_ITEMSIZE[DTYPE_NAMES[name]]
+    if default is None:
+        raise ValueError(f"unknown dtype {name!r}; choose bfloat16, float16 or float32")
+    return default
 
 
 # prune --score: the Taylor terms a gradient method ranks by (pruning.scoring.taylor_importance)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -68,7 +69,7 @@ def check_weights_dir(model_dir: Path, links_may_leave: bool = False) -> None:
     """Before anything else reads a directory's weights: safetensors only, every shard its index names inside it,
     and every shard's header sound. `links_may_leave`: a source model whose files link elsewhere (the Hugging
     Face cache), whose names are still checked."""
-    from .safetensors_file import check_header
+    from .safetensors_header import check_header
 
     for f in weight_files(model_dir):  # refuses pickle-only checkpoints
         check_header(inside(Path(model_dir), f.name, "weight file", links_may_leave=links_may_leave))
@@ -166,7 +167,12 @@ class Artifact:
     manifest: dict
     shape: ModelShape
     ranking: Ranking
-    config: object  # transformers PretrainedConfig
+
+    @functools.cached_property
+    def config(self):
+        """The transformers config (PretrainedConfig), read on first use: serve's checks need only the shape,
+        which config.json gives without importing transformers and torch (ModelShape.from_config_json)."""
+        return _auto_config(self.path)
 
     @property
     def weights_dir(self) -> Path:
@@ -284,9 +290,7 @@ def load_artifact(path, *, verify: bool = True, weights: bool = True, expect_dig
     """The artifact at `path`, its manifest, shape, ranking and config. Everything it names must lie inside it;
     with `verify` (default) every file it consists of must have the digest its manifest records, the weights
     too when `weights` (once per machine: see integrity.py). `expect_digest` pins the manifest itself."""
-    from transformers import AutoConfig
-
-    from .families import ModelShape
+    from .families import ModelShape, UnsupportedModelError
     from .ranking import Ranking
 
     path = Path(path)
@@ -309,17 +313,31 @@ def load_artifact(path, *, verify: bool = True, weights: bool = True, expect_dig
     rf = path / RANKING
     if not rf.is_file():
         raise ArtifactError(f"{rf}: ranking file missing; the artifact is incomplete")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    shape = ModelShape.from_config(config)
+    try:
+        config_json = json.loads((path / "config.json").read_text())
+        shape = ModelShape.from_config_json(config_json) if isinstance(config_json, dict) else None
+    except (OSError, ValueError, TypeError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise ArtifactError(f"{path / 'config.json'}: not a readable model config ({e}); the artifact is damaged "
+                            "or crafted") from None
+    if shape is None:  # the config leaves a size to transformers' defaults: only the real config knows it
+        shape = ModelShape.from_config(_auto_config(path))
     try:
         ranking = Ranking.load(rf, shape)
     except Exception as e:
         raise ArtifactError(f"{rf}: cannot read the ranking ({e}); the artifact is damaged or crafted") from None
     _check_protected(rf, ranking, manifest)
-    art = Artifact(path=path, manifest=manifest, shape=shape, ranking=ranking, config=config)
+    art = Artifact(path=path, manifest=manifest, shape=shape, ranking=ranking)
     if verify and weights:
         art.verify_weights()
     return art
+
+
+def _auto_config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 def _check_protected(rf: Path, ranking: Ranking, manifest: dict) -> None:

@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .arguments import DEFAULT_RESERVE, DTYPE_NAMES, check_one_size, FP8_KV_CACHE_DTYPES, parse_bytes, parse_count, parse_reserve
-from .hf import dtype_bytes
+from .arguments import (DEFAULT_RESERVE, DTYPE_NAMES, FP8_KV_CACHE_DTYPES, check_one_size, dtype_bytes, parse_bytes,
+                        parse_count, parse_reserve)
 from .plan import SlicePlan, plan_slice
 from .ranking import Ranking
 from .speed_table import SpeedTable, check_same_artifact, read_speed_table

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is not imported here: serve's checks before vLLM starts stay torch-free
+    import torch.nn as nn
 
 
 class UnsupportedModelError(ValueError):
@@ -22,6 +25,8 @@ class Family:
     o_bias: bool | None
     mlp_bias: bool | None
     qk_norm: bool  # per-head RMSNorm on q and k (shared across heads, so never sliced)
+    # the config class derives a missing head_dim as hidden_size // num_attention_heads (Qwen3's defaults to 128)
+    derived_head_dim: bool = True
 
     @property
     def gisp_model_type(self) -> str:  # of an exported slice (gisp_deploy/modeling.py)
@@ -45,9 +50,11 @@ FAMILIES = (
     Family("mistral", ("mistral",), ("MistralForCausalLM",), qkv_bias=False, o_bias=False, mlp_bias=False,
            qk_norm=False),
     Family("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
-    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), qkv_bias=None, o_bias=None, mlp_bias=False, qk_norm=True),
+    Family("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), qkv_bias=None, o_bias=None, mlp_bias=False, qk_norm=True,
+           derived_head_dim=False),
 )
 GISP_ARCHITECTURES = tuple(f.gisp_architecture for f in FAMILIES)
+CONFIG_KEY = "gisp_layers"  # an exported slice's per-layer widths in config.json (modeling.CONFIG_KEY restates it)
 
 
 def family_named(name: str) -> Family:
@@ -117,6 +124,23 @@ class ModelShape:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
         )
+
+    @classmethod
+    def from_config_json(cls, cfg: dict) -> "ModelShape | None":
+        """The shape of a config.json read as plain JSON (no transformers, no torch), or None when it leaves a
+        size or bias to the family's transformers defaults; then `from_config` on the real config decides.
+        Sizes must be positive integers (untrusted input)."""
+        fam = family_for(SimpleNamespace(**cfg))
+        sizes = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"]
+        sizes += [] if fam.derived_head_dim and cfg.get("head_dim") is None else ["head_dim"]
+        flags = [k for fixed, k in ((fam.qkv_bias, "attention_bias"), (fam.o_bias, "attention_bias"),
+                                    (fam.mlp_bias, "mlp_bias")) if fixed is None]
+        if any(cfg.get(k) is None for k in sizes + flags):
+            return None
+        for k in sizes:
+            if type(cfg[k]) is not int or cfg[k] <= 0:
+                raise UnsupportedModelError(f"config.json: {k}={cfg[k]!r} must be a positive integer")
+        return cls.from_config(SimpleNamespace(**cfg))
 
     @property
     def group_size(self) -> int:

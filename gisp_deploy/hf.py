@@ -15,15 +15,6 @@ DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.ite
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def dtype_bytes(name: str, default: int | None = None) -> int:
-    """Bytes per element of a dtype given by name ("bfloat16", "float32", ...)."""
-    if name in DTYPES:
-        return DTYPES[name].itemsize
-    if default is None:
-        raise ValueError(f"unknown dtype {name!r}; choose bfloat16, float16 or float32")
-    return default
-
-
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

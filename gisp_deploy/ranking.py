@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file  # numpy, not torch: serve's checks stay torch-free
 
 from .arguments import SparsityError, parse_sparsities
 from .families import ModelShape
@@ -149,12 +148,9 @@ class Ranking:
     # ---- storage: columnar arrays in safetensors; metadata lives in the artifact manifest
     def save(self, path: Path) -> None:
         save_file({
-            "layer": torch.from_numpy(self.layer.astype(np.int16)),
-            "kind": torch.from_numpy(self.kind.astype(np.uint8)),
-            "index": torch.from_numpy(self.index.astype(np.int32)),
-            "step": torch.from_numpy(self.step.astype(np.int16)),
-            "score": torch.from_numpy(self.score.astype(np.float32)),
-            "params": torch.from_numpy(self.params.astype(np.int32)),
+            "layer": self.layer.astype(np.int16), "kind": self.kind.astype(np.uint8),
+            "index": self.index.astype(np.int32), "step": self.step.astype(np.int16),
+            "score": self.score.astype(np.float32), "params": self.params.astype(np.int32),
         }, str(path), metadata={META_KEY: json.dumps({"num_covered": self.num_covered, "unit": self.unit},
                                                      sort_keys=True)})  # one key: safetensors orders keys randomly
 
@@ -163,7 +159,7 @@ class Ranking:
         t = load_file(str(path))
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
         if META_KEY in meta:  # earlier files keep num_covered and unit as two keys of their own
             meta = json.loads(meta[META_KEY])
@@ -172,9 +168,9 @@ class Ranking:
             raise ValueError(f"{path}: not a gisp-deploy ranking (missing {sorted(missing) or 'metadata'})")
         ranking = cls(
             shape=shape, unit=meta["unit"],
-            layer=t["layer"].numpy().astype(np.int64), kind=t["kind"].numpy().astype(np.int64),
-            index=t["index"].numpy().astype(np.int64), step=t["step"].numpy().astype(np.int64),
-            score=t["score"].numpy().astype(np.float64), params=t["params"].numpy().astype(np.int64),
+            layer=t["layer"].astype(np.int64), kind=t["kind"].astype(np.int64),
+            index=t["index"].astype(np.int64), step=t["step"].astype(np.int64),
+            score=t["score"].astype(np.float64), params=t["params"].astype(np.int64),
             num_covered=int(meta["num_covered"]),
         )
         want = RemovalCounter(shape, ranking.unit).costs(ranking.layer, ranking.kind, ranking.index)

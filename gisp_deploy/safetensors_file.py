@@ -1,13 +1,10 @@
-"""The safetensors format as gisp-deploy reads it: dtype codes, validated headers, positioned reads, mapped views.
+"""The safetensors format as gisp-deploy reads it: torch dtypes, positioned reads, mapped views, rewrites.
 
-Headers are validated (a JSON object; dims non-negative; data offsets inside the file and matching the shape)
-before anything is allocated from them, and before transformers or vLLM is given the file.
+Every file's header is validated first (safetensors_header.py), before anything is allocated from it.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 from pathlib import Path
@@ -16,60 +13,12 @@ import numpy as np
 import torch
 
 from .integrity import ArtifactError
+from .safetensors_header import header_entries
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                       "F8_E5M2": torch.float8_e5m2}
-
-
-def _entry_problem(e, data_bytes: int) -> str | None:
-    """What is wrong with one header entry (before anything is allocated from it), or None."""
-    if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
-        return "has no dtype"
-    dtype = SAFETENSORS_DTYPES.get(e["dtype"])
-    if dtype is None:
-        return f"has dtype {e['dtype']}, which gisp-deploy does not read"
-    shape, offsets = e.get("shape"), e.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        return f"has shape {shape!r}, not a list of sizes >= 0"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-        return f"has data offsets {offsets!r} outside the file's {data_bytes} data bytes"
-    if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-        return "does not match its shape"
-    return None
-
-
-def _header(fd: int, path: Path) -> tuple[dict, int]:
-    """(tensor name -> entry, offset of the data) of an open safetensors file, every entry validated."""
-    size = os.fstat(fd).st_size
-    n = int.from_bytes(os.pread(fd, 8, 0), "little") if size >= 8 else -1
-    if not 0 < n <= size - 8:
-        raise ArtifactError(f"{path}: not a safetensors file, or truncated (header of {n} bytes in a "
-                            f"{size}-byte file); restore it from the source model")
-    try:
-        entries = json.loads(os.pread(fd, n, 8))
-        if not isinstance(entries, dict):
-            raise ValueError("not a JSON object")
-    except ValueError:
-        raise ArtifactError(f"{path}: unreadable safetensors header; restore it from the source model") from None
-    entries.pop("__metadata__", None)
-    for name, e in entries.items():
-        problem = _entry_problem(e, size - 8 - n)
-        if problem:
-            raise ArtifactError(f"{path}: tensor {name!r} {problem}; the file is truncated, damaged or crafted, "
-                                "restore it from the source model")
-    return entries, 8 + n
-
-
-def check_header(path: Path) -> None:
-    """Refuse a safetensors file whose header another reader (transformers, vLLM) should not be given."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _header(fd, path)
-    finally:
-        os.close(fd)
 
 
 STAGING_BYTES = 64 << 20  # the one reused buffer that staged reads go through (grown only to hold one row)
@@ -140,7 +89,7 @@ class ShardFile:
         self._map: mmap.mmap | None = None
         self.fd = os.open(path, os.O_RDONLY)
         try:
-            self.entries, self.base = _header(self.fd, path)
+            self.entries, self.base = header_entries(self.fd, path)
         except BaseException:
             self.close()
             raise

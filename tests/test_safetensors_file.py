@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from gisp_deploy.artifact import ArtifactError
 from gisp_deploy import safetensors_file
-from gisp_deploy.safetensors_file import ShardFile, StagingBuffer, check_header
+from gisp_deploy.safetensors_file import ShardFile, StagingBuffer
+from gisp_deploy.safetensors_header import check_header
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -18,7 +18,8 @@ import torch
 
 from ..artifact import load_artifact
 from ..budget import budget_plan, decode_bytes, weight_read_params
-from ..hf import dtype_bytes, load_tokenizer
+from ..arguments import dtype_bytes
+from ..hf import load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
 from ..arguments import parse_ints, parse_sparsities

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from ..artifact import check_weights_dir, load_artifact
 from ..budget import kv_cache_elements
-from ..families import family_named
-from ..hf import dtype_bytes
+from ..families import CONFIG_KEY, family_named
+from ..arguments import dtype_bytes
 from ..plan import plan_slice
 from .process import ServeError
-from .vllm_slice import CONFIG_KEY
 
 
 def is_exported(path: Path) -> bool:

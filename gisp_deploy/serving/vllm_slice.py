@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..families import CONFIG_KEY
 from ..layout import select, source_indices
 from ..safetensors_file import take
 
-CONFIG_KEY = "gisp_layers"  # same key as modeling.CONFIG_KEY (not imported: modeling pulls in HF model code)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\b")
 
 

@@ -221,3 +221,22 @@ def test_the_server_child_ignores_modules_in_the_working_directory(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["grp", gisp_deploy.__file__]  # the standard library's grp; this very package
+
+
+def test_serve_starts_vllm_without_importing_torch_first(artifacts):
+    """The server's own process imports torch and vLLM; serve's checks before it starts must not make it wait
+    for a second torch import (seconds of a slice's start, bench/vllm_start_cpu.py)."""
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nimport gisp_deploy.serving.launch as launch\n"
+             "def run_server(cmd, **kw):\n"
+             "    heavy = sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)\n"
+             "    print('heavy', heavy, 'sparsity', json.loads(cmd[cmd.index('--hf-overrides') + 1])['gisp_sparsity'])\n"
+             "    return 0\n"
+             "launch.run_server, launch.require_vllm = run_server, lambda: None\n"
+             "from gisp_deploy.cli import app\nsys.argv = ['gisp-deploy', 'serve', *sys.argv[1:]]\n"
+             "try:\n    app()\nexcept SystemExit:\n    pass\n")
+    p = subprocess.run([sys.executable, "-c", probe, str(artifacts("llama-gqa")), "--sparsity", "0.4", "--port",
+                        str(free_port())], capture_output=True, text=True, timeout=120)
+    assert "heavy [] sparsity 0.4" in p.stdout, (p.stdout, p.stderr)
