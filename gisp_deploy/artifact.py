@@ -316,19 +316,23 @@ def load_artifact(path, *, verify: bool = True, weights: bool = True, expect_dig
     try:
         config_json = json.loads((path / "config.json").read_text())
         shape = ModelShape.from_config_json(config_json) if isinstance(config_json, dict) else None
+    except UnsupportedModelError:
+        raise
     except (OSError, ValueError, TypeError) as e:
-        if isinstance(e, UnsupportedModelError):
-            raise
         raise ArtifactError(f"{path / 'config.json'}: not a readable model config ({e}); the artifact is damaged "
                             "or crafted") from None
+    config = None
     if shape is None:  # the config leaves a size to transformers' defaults: only the real config knows it
-        shape = ModelShape.from_config(_auto_config(path))
+        config = _auto_config(path)
+        shape = ModelShape.from_config(config)
     try:
         ranking = Ranking.load(rf, shape)
     except Exception as e:
         raise ArtifactError(f"{rf}: cannot read the ranking ({e}); the artifact is damaged or crafted") from None
     _check_protected(rf, ranking, manifest)
     art = Artifact(path=path, manifest=manifest, shape=shape, ranking=ranking)
+    if config is not None:
+        art.__dict__["config"] = config  # already read: what the cached property would read
     if verify and weights:
         art.verify_weights()
     return art

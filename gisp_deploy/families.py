@@ -130,7 +130,8 @@ class ModelShape:
         """The shape of a config.json read as plain JSON (no transformers, no torch), or None when it leaves a
         size or bias to the family's transformers defaults; then `from_config` on the real config decides.
         Sizes must be positive integers (untrusted input)."""
-        fam = family_for(SimpleNamespace(**cfg))
+        attrs = SimpleNamespace(**cfg)
+        fam = family_for(attrs)
         sizes = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"]
         sizes += [] if fam.derived_head_dim and cfg.get("head_dim") is None else ["head_dim"]
         flags = [k for fixed, k in ((fam.qkv_bias, "attention_bias"), (fam.o_bias, "attention_bias"),
@@ -140,7 +141,7 @@ class ModelShape:
         for k in sizes:
             if type(cfg[k]) is not int or cfg[k] <= 0:
                 raise UnsupportedModelError(f"config.json: {k}={cfg[k]!r} must be a positive integer")
-        return cls.from_config(SimpleNamespace(**cfg))
+        return cls.from_config(attrs)
 
     @property
     def group_size(self) -> int:

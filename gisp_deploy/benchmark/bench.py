@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import dtype_bytes, parse_ints, parse_sparsities
 from ..artifact import load_artifact
 from ..budget import budget_plan, decode_bytes, weight_read_params
-from ..arguments import dtype_bytes
 from ..hf import load_tokenizer
 from ..plan import plan_slice
 from ..quality.evaluate import measure_quality, slice_identity, text_streams
-from ..arguments import parse_ints, parse_sparsities
 from ..quality.lm_eval import check_options, prepare_tasks, split_tasks
 from ..serving.summary import slice_summary
 from ..slicing.loader import load

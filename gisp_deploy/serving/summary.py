@@ -6,10 +6,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..arguments import dtype_bytes
 from ..artifact import check_weights_dir, load_artifact
 from ..budget import kv_cache_elements
 from ..families import CONFIG_KEY, family_named
-from ..arguments import dtype_bytes
 from ..plan import plan_slice
 from .process import ServeError
 

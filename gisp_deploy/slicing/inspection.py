@@ -28,8 +28,8 @@ def describe(art, sparsities, tp_size: int = 1, channel_multiple: int = 1) -> di
 
 def slice_size(art, plan) -> dict:
     """Parameters and weight bytes of the compact model of `plan`, counted on the meta device (nothing loaded)."""
-    from ..budget import model_parameters, weight_dtype
     from ..arguments import dtype_bytes
+    from ..budget import model_parameters, weight_dtype
     from ..modeling import padding_params
 
     params = model_parameters(art.config, plan)
