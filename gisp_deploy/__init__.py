@@ -15,7 +15,7 @@ _register.install()
 
 _API = {"prune": ("pruning.run", "prune"), "reorder": ("pruning.reorder", "reorder"),
         "load": ("slicing.loader", "load"), "fit": ("budget", "fit"),
-        "export": ("slicing.export", "export_slice"), "serve": ("serving.launch", "serve"),
+        "export": ("slicing.export", "export_slice"), "serve": ("deploy", "serve"),
         "check": ("quality.check", "check"), "bench": ("benchmark.bench", "bench")}
 
 

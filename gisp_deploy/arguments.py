@@ -213,3 +213,13 @@ def check_refit(name: str | None, flag: str = "--refit") -> str:
     if name not in REFITS:
         raise ValueError(f"{flag} {name!r}: choose {', '.join(REFITS)} (see --help)")
     return name
+
+
+def check_served_refit(name: str | None, sparsity, budgets=()) -> str:
+    """`serve --refit` corrects one slice, exported first: it takes a sparsity, never a budget."""
+    name = check_refit(name)
+    budget = any(b is not None for b in budgets)
+    if name != "none" and (sparsity is None or budget):
+        raise ValueError(f"--refit corrects one slice of an artifact: pass --sparsity{' instead of a budget' * budget} "
+                         "(`gisp-deploy fit` prints the sparsity a budget chooses; an export is served as written)")
+    return name

@@ -174,6 +174,17 @@ class Artifact:
         which config.json gives without importing transformers and torch (ModelShape.from_config_json)."""
         return _auto_config(self.path)
 
+    def config_dict(self, *keys: str) -> dict:
+        """The config as a dict: config.json as plain JSON where it states the shape and every one of `keys`
+        (no transformers, no torch), else `config.to_dict()`, whose class defaults fill what the file leaves out."""
+        from .families import ModelShape
+
+        raw = json.loads((self.path / "config.json").read_text())
+        if "config" not in self.__dict__ and ModelShape.from_config_json(raw) == self.shape \
+                and all(raw.get(k) is not None for k in keys):
+            return raw
+        return self.config.to_dict()
+
     @property
     def weights_dir(self) -> Path:
         w = self.manifest["weights"]

@@ -82,12 +82,17 @@ def _heads_ok(q_heads: list[int], shape: ModelShape, tp: int) -> bool:
     KV group to the layer's largest) divisible by tp; KV heads divisible by tp or dividing it."""
     if not q_heads or tp == 1:
         return True
+    kv = len({h // shape.group_size for h in q_heads})
+    return padded_query_heads(q_heads, shape.group_size) % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
+def padded_query_heads(q_heads, group_size: int) -> int:
+    """Query heads a compact layer holds for these kept ones: every kept KV group padded with zero heads to the
+    layer's largest (what modeling.layer_layout builds, counted without torch; a test compares the two)."""
     groups: dict[int, int] = {}
     for h in q_heads:
-        groups[h // shape.group_size] = groups.get(h // shape.group_size, 0) + 1
-    kv = len(groups)
-    padded_q = kv * max(groups.values())
-    return padded_q % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+        groups[h // group_size] = groups.get(h // group_size, 0) + 1
+    return len(groups) * max(groups.values(), default=0)
 
 
 def _round_layer(order: list[int], kept: int, ok) -> int:

@@ -197,3 +197,17 @@ def test_an_empty_sparsity_item_is_an_error_not_dropped():
     with pytest.raises(SparsityError, match="empty item"):
         parse_sparsities("0.2,0.4,")
     assert parse_sparsities("0.2, 0.4") == [0.2, 0.4]
+
+
+def test_padded_query_heads_counts_what_the_compact_layer_builds():
+    """plan.padded_query_heads (torch-free, for serve's banner) against modeling.layer_layout's padding, for
+    every subset of query heads of a layer with 3 KV groups of 2 (uneven groups, empty groups, none at all)."""
+    from itertools import combinations
+
+    from gisp_deploy.modeling import layer_layout
+    from gisp_deploy.plan import padded_query_heads
+
+    for n in range(7):
+        for q in combinations(range(6), n):
+            kv = sorted({h // 2 for h in q})
+            assert padded_query_heads(q, 2) == len(layer_layout(q, kv, (), 2).q_src), q

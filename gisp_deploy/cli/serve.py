@@ -84,10 +84,11 @@ def serve(
     """Serve one slice with vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models).
     A budget (--fit-memory) chooses the slice and gives vLLM the settings it was planned for; --max-model-len,
     --max-num-seqs and --kv-cache-dtype go to vLLM, with or without a budget."""
-    from ..arguments import check_one_size, check_refit
+    from ..arguments import check_one_size, check_served_refit
     from .common import check_budget
 
     check_one_size(sparsity, fit_memory, fit_params, fit_speedup)  # what a typo can break, before heavy imports
+    check_served_refit(refit, sparsity, (fit_memory, fit_params, fit_speedup))
     budget = check_budget(artifact, fit_memory, fit_params, fit_speedup, speed_table, fit_batch_size, kv_cache_dtype,
                           reserve)
     max_num_seqs, reserve = (None if ctx.get_parameter_source(name).name == "DEFAULT" else value  # not given
@@ -95,33 +96,13 @@ def serve(
     kw = dict(host=host, port=port, tensor_parallel_size=tensor_parallel_size, channel_multiple=channel_multiple,
               served_model_name=served_model_name, vllm_args=vllm_args, verify=verify, expect_digest=expect_digest,
               max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
-    if check_refit(refit) != "none":
-        if sparsity is None:
-            raise ValueError("--refit corrects one slice of an artifact: pass --sparsity (with a budget, "
-                             "`gisp-deploy fit` prints the sparsity it chooses; an export is served as written)")
-        return _serve_corrected(artifact, sparsity, refit, **kw)
     _serve(artifact, sparsity, fit_memory=budget["memory"], fit_params=budget["params"],
            fit_speedup=budget["speedup"], speed_table=budget["speed_table"], fit_batch_size=fit_batch_size,
-           reserve=reserve, on_plan=show_plan(artifact), **kw)
-
-
-def _serve_corrected(artifact: Path, sparsity: float, refit: str, *, served_model_name, **kw) -> None:
-    """The corrected slice exported (gisp_deploy.export(..., refit=)) to a temporary directory, then served."""
-    import tempfile
-
-    from ..slicing.export import export_slice
-
-    with tempfile.TemporaryDirectory(prefix="gisp-refit-") as tmp:
-        out = Path(tmp) / f"{Path(artifact).name}-{sparsity:g}-{refit}"
-        export_slice(artifact, out, sparsity, tp_size=kw["tensor_parallel_size"], refit=refit,
-                     channel_multiple=kw["channel_multiple"], verify=kw["verify"], expect_digest=kw["expect_digest"])
-        say(f"corrected slice ({refit}) exported to {out} for serving")
-        _serve(out, None, served_model_name=served_model_name or f"{Path(artifact).name}@{sparsity:g}+{refit}",
-               **{**kw, "expect_digest": None})
+           reserve=reserve, on_plan=show_plan(artifact), refit=refit, **kw)
 
 
 def _serve(artifact, sparsity, *, vllm_args, **kw) -> None:
-    from ..serving.launch import serve as run
+    from ..deploy import serve as run
 
     rc = run(artifact, sparsity, vllm_args=vllm_args or (), log=say, **kw)
     if rc:

@@ -88,15 +88,16 @@ def vllm_main() -> None:
     main()
 
 
-def _port_free(host: str, port: int) -> bool:
+def check_port(host: str, port: int) -> None:
+    """Refuse (ServeError) an address this process cannot listen on: in use, or not one of this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
-            return False
-    return True
+            raise ServeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
+                             "choose another --port / --host") from None
 
 
 def _ready(url: str) -> bool:
@@ -178,6 +179,21 @@ def banner(artifact, summary, *, name: str, base: str, tensor_parallel_size: int
     return lines + [f"  starting vLLM as {name!r} on {base}/v1 ..."]
 
 
+def check_serve_options(artifact: Path, *, port: int, tensor_parallel_size: int, vllm_args=()) -> list[str]:
+    """What `serve` refuses before it reads anything (ServeError): vLLM's own arguments not after --, no
+    directory, a bad port or rank count, no vLLM installed. Returns vLLM's arguments as a list."""
+    extra = list(vllm_args or [])
+    if extra and not extra[0].startswith("-"):
+        raise ServeError(f"unexpected argument {extra[0]!r}; pass vLLM's own arguments after --, e.g. "
+                         "-- --max-model-len 4096")
+    if not Path(artifact).is_dir():
+        raise ServeError(f"{artifact}: not a directory; pass an artifact (gisp-deploy prune) or an exported slice")
+    if tensor_parallel_size < 1 or not 0 < port < 65536:
+        raise ServeError("--tensor-parallel-size must be >= 1 and --port in 1..65535")
+    require_vllm()
+    return extra
+
+
 def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           tensor_parallel_size: int = 1, channel_multiple: int = 1, served_model_name: str | None = None,
           vllm_args=(), verify: bool = True, expect_digest: str | None = None, fit_memory=None, fit_params=None,
@@ -194,18 +210,10 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
     of that plan (serving.settings) and `on_plan(fit_result)` sees the plan before vLLM starts. Without a memory
     budget, `max_model_len`, `max_num_seqs` and `kv_cache_dtype` go to vLLM as given."""
     artifact = Path(artifact)
-    extra = list(vllm_args or [])
-    if extra and not extra[0].startswith("-"):
-        raise ServeError(f"unexpected argument {extra[0]!r}; pass vLLM's own arguments after --, e.g. "
-                         "-- --max-model-len 4096")
-    if not artifact.is_dir():
-        raise ServeError(f"{artifact}: not a directory; pass an artifact (gisp-deploy prune) or an exported slice")
-    if tensor_parallel_size < 1 or not 0 < port < 65536:
-        raise ServeError("--tensor-parallel-size must be >= 1 and --port in 1..65535")
+    extra = check_serve_options(artifact, port=port, tensor_parallel_size=tensor_parallel_size, vllm_args=vllm_args)
     check_one_size(sparsity, fit_memory, fit_params, fit_speedup)
     if reserve is not None and fit_memory is None:
         raise ServeError("--reserve is held back from a memory budget: pass --fit-memory too, or drop --reserve")
-    require_vllm()
     if host not in LOOPBACK and not has_flag(extra, "--api-key") and not os.environ.get("VLLM_API_KEY"):
         log(f"warning: serving on {host} without an API key: anyone who can reach this machine can use the model; "
             "set VLLM_API_KEY in the environment (a key after -- --api-key shows in `ps`)")
@@ -228,9 +236,7 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
                          verify=verify, expect_digest=expect_digest)  # what the summary would refuse, before vLLM
     base_name = artifact.resolve().name
     name = served_model_name or (f"{base_name}@{sparsity:g}" if sparsity is not None else base_name)
-    if not _port_free(host, port):
-        raise ServeError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
-                         "choose another --port / --host")
+    check_port(host, port)
     staged = staged_model_dir(artifact)
     try:
         cmd = vllm_command(artifact, sparsity, host=host, port=port, tp_size=tensor_parallel_size,
@@ -238,7 +244,7 @@ def serve(artifact, sparsity: float | None = None, *, host: str = "127.0.0.1", p
                            model_dir=Path(staged.name) if staged else None, verify=verify, loaded=loaded)
         probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         base = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
-        def on_start():  # while vLLM boots: the summary imports transformers' model code, seconds of it
+        def on_start():  # while vLLM boots; counted without torch, which would take a core from vLLM's start
             summary = slice_summary(artifact, sparsity, tp_size=tensor_parallel_size,
                                     channel_multiple=channel_multiple, dtype=flag_value(extra, "--dtype"),
                                     verify=False)

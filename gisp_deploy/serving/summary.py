@@ -10,7 +10,7 @@ from ..arguments import dtype_bytes
 from ..artifact import check_weights_dir, load_artifact
 from ..budget import kv_cache_elements
 from ..families import CONFIG_KEY, family_named
-from ..plan import plan_slice
+from ..plan import padded_query_heads, plan_slice
 from .process import ServeError
 
 
@@ -114,19 +114,18 @@ def slice_summary(path, sparsity: float | None = None, *, tp_size: int = 1, chan
         n_heads, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
         dense_layers = [(n_heads, n_kv, cfg["intermediate_size"])] * cfg["num_hidden_layers"]
     else:
-        from ..modeling import padding_params, plan_layouts  # transformers' model code: only where needed
-
         if sparsity is None:
             check_slice(path, sparsity)
         art = load_artifact(path, verify=verify, expect_digest=expect_digest)
         plan = plan_slice(art.ranking, sparsity, tp_size=tp_size, channel_multiple=channel_multiple)
-        layers = [(len(l.q_src), len(l.kv_src), len(l.channels)) for l in plan_layouts(plan)]
-        pad, head_dim = padding_params(plan), plan.shape.head_dim
-        requested, achieved, unit = plan.sparsity, plan.achieved_sparsity, plan.unit
-        dense_cfg = art.config.to_dict()
         s = plan.shape
+        layers = [(padded_query_heads(lp.q_heads, s.group_size), len(lp.kv_heads), len(lp.channels))
+                  for lp in plan.layers]
+        pad = sum(q - len(lp.q_heads) for (q, _, _), lp in zip(layers, plan.layers)) * s.q_head_params
+        head_dim = s.head_dim
+        requested, achieved, unit = plan.sparsity, plan.achieved_sparsity, plan.unit
+        cfg = dense_cfg = art.config_dict("vocab_size", "tie_word_embeddings")  # counted without transformers
         dense_layers = [(s.num_heads, s.num_kv_heads, s.intermediate)] * s.num_layers
-        cfg = dense_cfg
     dtype = _dtype_name(dtype, cfg)
     nbytes = dtype_bytes(dtype, default=2)
     params, kv = _count(cfg, layers, head_dim)

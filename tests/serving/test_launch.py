@@ -230,7 +230,8 @@ def test_serve_starts_vllm_without_importing_torch_first(artifacts):
     import sys
 
     probe = ("import json, sys\nimport gisp_deploy.serving.launch as launch\n"
-             "def run_server(cmd, **kw):\n"
+             "def run_server(cmd, on_start, **kw):\n"
+             "    on_start()  # the banner, printed while vLLM boots: its counts must not import torch either\n"
              "    heavy = sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)\n"
              "    print('heavy', heavy, 'sparsity', json.loads(cmd[cmd.index('--hf-overrides') + 1])['gisp_sparsity'])\n"
              "    return 0\n"
@@ -240,3 +241,4 @@ def test_serve_starts_vllm_without_importing_torch_first(artifacts):
     p = subprocess.run([sys.executable, "-c", probe, str(artifacts("llama-gqa")), "--sparsity", "0.4", "--port",
                         str(free_port())], capture_output=True, text=True, timeout=120)
     assert "heavy [] sparsity 0.4" in p.stdout, (p.stdout, p.stderr)
+    assert "parameters" in p.stderr and "KV cache" in p.stderr, p.stderr  # the banner was printed

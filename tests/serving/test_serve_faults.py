@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gisp_deploy.serving.launch import _port_free
+from gisp_deploy.serving.launch import check_port
 from gisp_deploy.slicing.loader import load
 from tests.factory import PROMPTS, hf_greedy, http_status, needs_vllm, running
 
@@ -118,4 +118,4 @@ def test_ctrl_c_leaves_no_process_and_frees_the_port(server):
     assert rc == 0 and "stopped" in server.output()
     assert kids and not [k for k in kids if running(k)]
     assert http_status(f"{server.base}/health", timeout=2) == -1
-    assert _port_free("127.0.0.1", server.port)  # a new server can listen there at once
+    check_port("127.0.0.1", server.port)  # a new server can listen there at once (else ServeError)
