@@ -72,7 +72,7 @@ def spread(ts: list[float]) -> dict:
     out = {"median_s": round(med, 2), "min_s": round(min(ts), 2), "max_s": round(max(ts), 2),
            "runs_s": [round(t, 2) for t in ts]}
     if len(ts) > 1 and (max(ts) - min(ts)) / med > 0.10:
-        out["warning"] = "repeats disagree by more than 10% (shared, loaded CPU)"
+        out["warning"] = "repeats disagree by more than 10%"
     return out
 
 
