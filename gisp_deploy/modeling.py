@@ -31,6 +31,7 @@ an exported slice loads where gisp-deploy is not installed. Keep it that way.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -287,8 +288,26 @@ def build_model(config, attn_implementation: str | None = None) -> nn.Module:
         config = gisp_config(config)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         return model_class(config)(config)
+
+
+RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                "xavier_normal_")
+
+
+@contextmanager
+def _no_random_init():
+    """torch.nn.init's random draws as no-ops: on the meta device they compute nothing, yet their decompositions
+    were half the time to build a 1.5B model's layers (66 -> 33 ms), and every weight is assigned later."""
+    saved = {name: getattr(torch.nn.init, name) for name in RANDOM_INITS}
+    try:
+        for name in RANDOM_INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def materialize_buffers(model: nn.Module, device) -> None:

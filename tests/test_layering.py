@@ -117,7 +117,7 @@ def test_only_the_cli_imports_the_terminal_libraries(library):
 
 def test_modeling_is_self_contained():
     targets = {t.split(".")[0] for t, _, _ in _imports("gisp_deploy.modeling", MODULES["gisp_deploy.modeling"])}
-    assert targets <= {"__future__", "copy", "dataclasses", "torch", "transformers"}, targets
+    assert targets <= {"__future__", "contextlib", "copy", "dataclasses", "torch", "transformers"}, targets
 
 
 def test_the_rule_catches_a_wrong_import(tmp_path, monkeypatch):

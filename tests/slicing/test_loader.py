@@ -146,6 +146,20 @@ def test_config_roundtrip(sources, tmp_path):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+def test_building_on_meta_skips_random_init_and_puts_it_back(sources):
+    """build_model turns torch.nn.init's random draws off while it builds (meta tensors need none), and back on."""
+    import torch
+
+    src = sources("llama-gqa")
+    plan = hand_plan(src.shape, extreme_plans(src.shape)["mixed"])
+    before = {name: getattr(torch.nn.init, name) for name in ("uniform_", "normal_", "kaiming_uniform_")}
+    config = load(src.artifact, plan=plan).config
+    assert {name: getattr(torch.nn.init, name) for name in before} == before
+    assert all(p.is_meta for p in build_model(config).parameters())
+    torch.manual_seed(0)
+    assert torch.nn.Linear(8, 8).weight.std() > 0  # a model built afterwards is initialised as usual
+
+
 # ---- gathers and errors
 @pytest.mark.parametrize("name", ["qwen2-gqa", "llama-mha", "qwen3-gqa"])
 def test_device_gathers_equal_positioned_reads(sources, name, monkeypatch):
