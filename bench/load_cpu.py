@@ -1,15 +1,16 @@
 """CPU load of compact slices against the dense model, and the issue-18 goal checked directly.
 
     python bench/load_cpu.py [--out bench/results/load_cpu.json] [--work /tmp/gisp-load-bench]
-        [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold]
+        [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold] [--tokens 8]
 
 Four sources: the reference model's GISP artifact (--reference; bench/results/methods/artifact-gisp, made by
 bench/methods_table.py), a locally written random-weight Llama checkpoint of about 1.5B parameters (bf16,
 4 shards, under --work) with a random-method ranking (kept rows scattered: the layout's worst case), and each of
 those two rewritten rank-ordered (NAME-ranked: `gisp-deploy reorder`; every slice a prefix of each tensor, mapped).
 
-Every load runs in a fresh process of its own (so peaks do not mix), and "ready" is load + one forward pass
-(lazily memory-mapped dense weights are read by that pass). Loads alternate: for each sparsity, each repeat, a
+Every load runs in a fresh process of its own (so peaks do not mix), and "ready" is load + one forward pass of
+--tokens tokens (lazily memory-mapped dense weights are read by that pass; on a CPU without fast bf16 matmuls its
+compute can outweigh the bytes, and --tokens 1 still reads every weight). Loads alternate: for each sparsity, each repeat, a
 dense load (transformers from_pretrained, memory-mapped) and then the slice (gisp_deploy.load), so each slice is
 compared with the dense load next to it in time:
 
@@ -48,8 +49,9 @@ def status_mb(field):
             return int(line.split()[1]) / 1024
 mode, path, s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 dtype = getattr(torch, sys.argv[4])
+tokens = int(sys.argv[5])
 art = load_artifact(path)
-ids = torch.zeros(1, 8, dtype=torch.long)
+ids = torch.zeros(1, tokens, dtype=torch.long)
 base, base_anon = status_mb("VmRSS"), status_mb("RssAnon")
 peak_anon, done = [base_anon], threading.Event()
 def sample():  # RssAnon has no peak counter: poll it
@@ -151,11 +153,11 @@ def drop_cached(art: Path) -> None:
             os.close(fd)
 
 
-def probe(mode: str, art: Path, s: float, dtype: str, cold: bool) -> dict:
+def probe(mode: str, art: Path, s: float, dtype: str, cold: bool, tokens: int = 8) -> dict:
     if cold:
         drop_cached(art)
     load_before = os.getloadavg()[0]
-    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(art), str(s), dtype],
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(art), str(s), dtype, str(tokens)],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"probe {mode} {art} {s} failed:\n{out.stderr[-2000:]}")
@@ -207,6 +209,8 @@ def main():
     ap.add_argument("--sparsities", default="0.2,0.4,0.5")
     ap.add_argument("--sources", default="reference,reference-ranked,random-1.5b,random-1.5b-ranked")
     ap.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each load")
+    ap.add_argument("--tokens", type=int, default=8, help="tokens of the first forward pass (1 still reads every "
+                    "weight; where bf16 matmuls are slow, fewer tokens leave the bytes, not the compute, to measure)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -220,14 +224,15 @@ def main():
     for key in args.sources.split(","):
         name, where, dtype = known[key]
         art = where()
-        probe("compact", art, sparsities[0], dtype, False)  # warm the page cache (and the verification record)
-        probe("dense", art, 0.0, dtype, False)
-        mapped = probe("compact", art, 0.0, dtype, args.cold)  # sparsity 0: memory-mapped like the dense path
+        probe("compact", art, sparsities[0], dtype, False, args.tokens)  # warm the page cache (and the verification record)
+        probe("dense", art, 0.0, dtype, False, args.tokens)
+        mapped = probe("compact", art, 0.0, dtype, args.cold, args.tokens)  # sparsity 0: memory-mapped like the dense path
         rows.append({"source": name, "loader": "gisp load (mapped)", "sparsity": 0.0, "dtype": dtype, **mapped})
         for s in sparsities:
             pairs = []
             for rep in range(args.repeats):
-                d, x = probe("dense", art, 0.0, dtype, args.cold), probe("compact", art, s, dtype, args.cold)
+                d, x = (probe("dense", art, 0.0, dtype, args.cold, args.tokens),
+                        probe("compact", art, s, dtype, args.cold, args.tokens))
                 pairs.append((d, x))
                 for loader, r in (("transformers from_pretrained (dense)", d), ("gisp load", x)):
                     rows.append({"source": name, "loader": loader, "sparsity": 0.0 if r is d else s, "pair_of": s,
@@ -242,7 +247,7 @@ def main():
     cmd = "python bench/load_cpu.py " + " ".join(sys.argv[1:])
     note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
         f"; {os.cpu_count()} CPUs shared with other jobs (load average in every record); staging buffer " \
-        f"{staging_mb:.0f} MiB"
+        f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens"
     Path(args.out).write_text(json.dumps({"command": cmd, "note": note, "summary": summary, "results": rows},
                                          indent=2))
     print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | ratio "
