@@ -180,8 +180,7 @@ class Artifact:
         from .families import ModelShape
 
         raw = json.loads((self.path / "config.json").read_text())
-        if "config" not in self.__dict__ and ModelShape.from_config_json(raw) == self.shape \
-                and all(raw.get(k) is not None for k in keys):
+        if ModelShape.from_config_json(raw) == self.shape and all(raw.get(k) is not None for k in keys):
             return raw
         return self.config.to_dict()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,9 +90,7 @@ def _heads_ok(q_heads: list[int], shape: ModelShape, tp: int) -> bool:
 def padded_query_heads(q_heads, group_size: int) -> int:
     """Query heads a compact layer holds for these kept ones: every kept KV group padded with zero heads to the
     layer's largest (what modeling.layer_layout builds, counted without torch; a test compares the two)."""
-    groups: dict[int, int] = {}
-    for h in q_heads:
-        groups[h // group_size] = groups.get(h // group_size, 0) + 1
+    groups = Counter(h // group_size for h in q_heads)
     return len(groups) * max(groups.values(), default=0)
 
 
