@@ -3,6 +3,10 @@
 A compact tensor is described by source positions along one dimension, -1 standing for a zero (dummy) entry:
 the padding heads that even out uneven KV groups, or padding channels. Every path that builds compact weights
 (the loader, vLLM's weight slicing, the shrinking model GISP scores) selects with these functions.
+
+A padding row of q_proj, gate_proj or up_proj only feeds zero columns of o_proj / down_proj, so its values never
+reach the output: the loader may take the file's next row there instead of a zero (`padding_from_file`), which
+turns a padded group into one run of the file's rows it can map instead of copy.
 """
 
 from __future__ import annotations
@@ -50,6 +54,25 @@ def select(t: torch.Tensor, positions: list[int], dim: int) -> torch.Tensor:
     """`t`'s entries at `positions` along `dim`; -1 positions are zero."""
     real = torch.tensor(kept(positions), dtype=torch.long, device=t.device)
     return spread(t.index_select(dim, real), positions, dim)
+
+
+CANCELLED_PADDING = ("q_proj", "gate_proj", "up_proj")  # their padding outputs meet zero o_proj / down_proj columns
+
+
+def padding_from_file(key: str, rows: list[int] | None) -> list[int] | None:
+    """`rows` of compact tensor `key` with each padding row (-1) taken as the file's row after the one before
+    it, where the padding's values cannot matter (CANCELLED_PADDING: any finite values there give the same model,
+    as their consumer's columns are zero); None where `key` is another tensor or has no such padding. A
+    rank-ordered artifact's padded groups then often read as one run: heads 0, 1, -1, -1, 4, ... of groups of
+    four become rows of heads 0..4, ...."""
+    m = LAYER_TENSOR.match(key)
+    if not m or m.group(3) not in CANCELLED_PADDING or not rows or rows[0] < 0 or all(r >= 0 for r in rows):
+        return None
+    filled = list(rows)
+    for i in range(1, len(filled)):
+        if filled[i] < 0:
+            filled[i] = filled[i - 1] + 1
+    return filled
 
 
 def source_indices(key: str, layouts, head_dim: int):

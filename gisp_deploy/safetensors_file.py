@@ -5,6 +5,7 @@ Every file's header is validated first (safetensors_header.py), before anything 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ READ_CALL_BYTES = 32 << 10  # one read call costs about as much as copying 32 Ki
 #                             7.6 GB/s for 1 MiB ones): kept rows are read run by run only when runs are that long
 
 
+FRESH_PAGES_BYTES = 64 << 10  # a tensor this large gets pages of its own (fresh_zeros); smaller ones share the heap
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer dtype of each element size
 MIN_COLUMN_RUN = 16  # kept columns are copied run by run when their runs average this many, else gathered
 
@@ -49,6 +51,17 @@ def _runs(src: torch.Tensor, dst: torch.Tensor) -> list[tuple[int, int, int]]:
     starts, ends = [0, *brk], [*brk, len(src)]
     s, d = src.tolist(), dst.tolist()
     return [(s[i], d[i], j - i) for i, j in zip(starts, ends)]
+
+
+def fresh_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in fresh pages of its own (a private anonymous mapping, filled with zeros by the kernel when
+    first touched): entries never written, such as padding, cost neither time nor memory, where torch.zeros
+    writes every page. Freed with the last view of it; small ones (under FRESH_PAGES_BYTES) are torch.zeros."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < FRESH_PAGES_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def take(block: torch.Tensor, index: torch.Tensor, dim: int, out: torch.Tensor) -> None:
@@ -138,9 +151,10 @@ class ShardFile:
         return out
 
     def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0,
-                  staging: StagingBuffer | None = None) -> None:
+                  staging: StagingBuffer | None = None, zeroed: bool = False) -> None:
         """Fill `out` (contiguous) with tensor `name`, or with its entries at `positions` along `dim` (0 rows,
-        1 columns of a matrix; -1 gives zeros), converted to out's dtype. Whole tensors and long runs of kept
+        1 columns of a matrix; -1 gives zeros, left as they are where `out` is `zeroed` already: fresh_zeros),
+        converted to out's dtype. Whole tensors and long runs of kept
         rows are read straight into `out`; columns, short row runs and conversions go through `staging` one
         block of rows at a time, and the kept entries are gathered from there."""
         e = self.entries[name]
@@ -162,7 +176,7 @@ class ShardFile:
                              f"dim {dim})")
         dst = torch.nonzero(pos >= 0).flatten()  # [K] destination index of each real position
         src = pos[dst]  # [K] its source index along dim
-        for d0, n in _spans(torch.nonzero(pos < 0).flatten()):  # zero padding, a run of rows / columns at a time
+        for d0, n in [] if zeroed else _spans(torch.nonzero(pos < 0).flatten()):  # zero padding, run by run
             _ints(out.narrow(dim, d0, n))[...] = 0
         staging = staging or StagingBuffer(min(STAGING_BYTES, max(row_bytes, rows_src * row_bytes)))
         if dim == 1:

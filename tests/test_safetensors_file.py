@@ -120,3 +120,28 @@ def test_crafted_headers_are_refused_before_any_allocation(tmp_path, header, mes
     for opener in (ShardFile, check_header):
         with pytest.raises(ArtifactError, match=message):
             opener(tmp_path / "x.safetensors")
+
+
+def test_fresh_zeros_leaves_unwritten_pages_unallocated(tmp_path, monkeypatch):
+    """Padding left alone in fresh pages: read_into(..., zeroed=True) gives what it does into stale memory, and
+    a large fresh tensor costs no memory until written (Linux's RssAnon)."""
+    monkeypatch.setattr(safetensors_file, "FRESH_PAGES_BYTES", 0)  # every tensor of this test in pages of its own
+    w = torch.randn(40, 100)
+    save_file({"w": w}, str(tmp_path / "t.safetensors"))
+    with ShardFile(tmp_path / "t.safetensors") as f:
+        for pos, dim in (([3, -1, 4, -1, -1, 7], 0), ([4, -1, 5, -1, *range(60, 90)], 1)):
+            shape = [40, 100]
+            shape[dim] = len(pos)
+            out = safetensors_file.fresh_zeros(shape, torch.float32)
+            f.read_into("w", out, pos, dim, zeroed=True)
+            assert torch.equal(out, _expected(w, pos, dim, torch.float32))
+
+    def anon_mb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:")) / 1024
+
+    before = anon_mb()
+    big = safetensors_file.fresh_zeros((64, 1 << 20), torch.float32)  # 256 MiB
+    assert big.dtype == torch.float32 and big.shape == (64, 1 << 20)
+    assert not big[::7, ::4096].any() and anon_mb() - before < 16  # read: the kernel's zero page, nothing allocated
+    big[3].fill_(1.0)
+    assert 4 - 1 < anon_mb() - before < 16 and float(big.sum()) == 1 << 20

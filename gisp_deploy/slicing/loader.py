@@ -2,8 +2,9 @@
 
 Only the kept rows / columns of each dense tensor are materialised. On the CPU the safetensors files are
 mapped copy-on-write where a compact tensor is one contiguous run of a dense one's rows or columns in the
-file's dtype (whole tensors; the prefixes of a rank-ordered artifact), and read with positioned reads into the
-compact tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
+file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded query groups whose padding heads
+can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
+tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
 and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from
 there; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole
 onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
@@ -24,11 +25,11 @@ from ..arguments import REFITS
 from ..artifact import ArtifactError, load_artifact
 from ..budget import budget_plan
 from ..hf import pick_device
-from ..layout import kept, select, source_indices, spread
+from ..layout import kept, padding_from_file, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
 from ..refit import DEFAULT_RIDGE
-from ..safetensors_file import StagingBuffer
+from ..safetensors_file import StagingBuffer, fresh_zeros
 from .correction import correct, refit_record, statistics_or_notice
 from .weights import WeightReader
 
@@ -75,7 +76,7 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
             continue
         rows, cols = source_indices(key, layouts, head_dim)
         if cols is None:  # the whole tensor, or one run of rows: only those bytes, from the mapped file
-            view = reader.mapped(key, rows, 0)
+            view = _mapped_rows(reader, key, rows, None)
             if view is not None:
                 finish(key, view)
                 continue
@@ -92,9 +93,11 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
 def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict) -> None:
     """CPU: a compact tensor that is one contiguous run of its dense tensor's rows or columns, in the file's
     dtype, is a copy-on-write view of the mapped file (read when first touched, like a dense model; every
-    tensor of a rank-ordered artifact's MLP); every other one is read into a fresh tensor of its own (kept
-    rows / columns only, see ShardFile.read_into) by READ_THREADS threads, which fault in fresh pages side by
-    side and share the reader's staging bytes. So peak anonymous memory is at most the compact model plus STAGING_BYTES."""
+    tensor of a rank-ordered artifact's MLP, and its q_proj where padding heads can be the file's next ones);
+    every other one is read into fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into;
+    padding never written) by READ_THREADS threads, which fault in fresh pages side by side, take the largest
+    tensors first, and share the reader's staging bytes. So peak anonymous memory is at most the compact model
+    plus STAGING_BYTES."""
     copies = []  # (key, shape, dtype, positions, dim) of the tensors that are read, not mapped
     for key, meta in metas.items():
         shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
@@ -106,27 +109,40 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
         if tuple(got) != shape:
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(got)}, the slice needs "
                                 f"{shape}; the weights do not match the artifact's config")
-        view = reader.mapped(key, pos, dim, dt)
+        view = reader.mapped(key, pos, dim, dt) if dim else _mapped_rows(reader, key, pos, dt)
         if view is not None:
             sd[key] = view
         else:
             copies.append((key, shape, dt, pos, dim))
-    jobs = [(key, torch.empty(shape, dtype=dt), pos, dim) for key, shape, dt, pos, dim in copies]
+    jobs = [(key, fresh_zeros(shape, dt), pos, dim) for key, shape, dt, pos, dim in copies]  # padding stays untouched
     sd.update({key: out for key, out, _, _ in jobs})
     workers = max(1, min(READ_THREADS, len(jobs)))
     if workers == 1:
         for key, out, pos, dim in jobs:
-            reader.read_into(key, out, pos, dim)
+            reader.read_into(key, out, pos, dim, zeroed=True)
         return
     share = reader.staging.nbytes // workers  # the staging bytes split, not multiplied
+    parts, loads = [[] for _ in range(workers)], [0] * workers
+    for job in sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size()):  # largest first, to the least loaded
+        w = loads.index(min(loads))
+        parts[w].append(job)
+        loads[w] += job[1].numel() * job[1].element_size()
 
     def run(part: list) -> None:
         staging = StagingBuffer(share)
         for key, out, pos, dim in part:
-            reader.read_into(key, out, pos, dim, staging)
+            reader.read_into(key, out, pos, dim, staging, zeroed=True)
 
     with ThreadPoolExecutor(workers) as pool:  # reads and numpy copies release the GIL
-        list(pool.map(run, [jobs[i::workers] for i in range(workers)]))
+        list(pool.map(run, parts))
+
+
+def _mapped_rows(reader: WeightReader, key: str, rows: list[int] | None, dtype):
+    """Kept `rows` of `key` as a view of the mapped file, their padding rows read from the file where it cannot
+    matter (layout.padding_from_file); None where they are not one run."""
+    view = reader.mapped(key, rows, 0, dtype)
+    filled = padding_from_file(key, rows) if view is None else None
+    return view if filled is None else reader.mapped(key, filled, 0, dtype)
 
 
 def _gather_round(pending: list, finish) -> None:

@@ -62,10 +62,12 @@ class WeightReader:
         return self._handle(self._file(name), "direct").shape(name)
 
     def read_into(self, name: str, out: torch.Tensor, positions: list[int] | None = None, dim: int = 0,
-                  staging: StagingBuffer | None = None) -> None:
-        """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero), converting
-        to out's dtype (positioned reads through `staging`, by default this reader's one staging buffer)."""
-        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, staging or self.staging)
+                  staging: StagingBuffer | None = None, zeroed: bool = False) -> None:
+        """Fill CPU tensor `out` with `name`, or its entries at `positions` along `dim` (-1: zero, or left
+        alone where `out` is `zeroed`), converting to out's dtype (positioned reads through `staging`, by
+        default this reader's one staging buffer)."""
+        self._handle(self._file(name), "direct").read_into(name, out, positions, dim, staging or self.staging,
+                                                           zeroed)
 
     def mapped(self, name: str, positions: list[int] | None = None, dim: int = 0, dtype: torch.dtype | None = None):
         """`name` (or its one contiguous run of `positions` along `dim`) as a copy-on-write view of its file, or

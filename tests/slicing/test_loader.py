@@ -11,6 +11,7 @@ from gisp_deploy.families import ModelShape
 from gisp_deploy.modeling import build_model, padding_params
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.pruning.methods import PruneConfig, prune
+from gisp_deploy.safetensors_file import ShardFile
 from gisp_deploy.arguments import SparsityError
 from gisp_deploy.slicing.loader import load
 from gisp_deploy.slicing.oracle import apply_oracle
@@ -86,6 +87,30 @@ def test_group_of_four_padding_layout(sources):
     assert not attn.o_proj.weight[:, hd:4 * hd].any()
     torch.testing.assert_close(attn.q_proj.weight[:hd], src.dense.model.layers[1].self_attn.q_proj.weight[3 * hd:4 * hd],
                                atol=0, rtol=0)
+    assert_matches(model, src.oracle(plan), probe_ids())
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa"])
+def test_padding_heads_read_from_the_file_map_a_padded_group(sources, name, monkeypatch):
+    """Heads 0 + 4..7 of 8 over 2 KV heads: group 0's 3 padding heads take the file's heads 1..3 (their outputs
+    meet o_proj's zero columns), so q_proj (and Qwen2's q bias) is one run of the file's rows, mapped, not
+    copied; the slice still computes what the oracle does."""
+    src = sources(name, num_attention_heads=8, num_key_value_heads=2)
+    plan = hand_plan(src.shape, [([0, 4, 5, 6, 7], None), ([0, 1, 2, 3], None), ([], None), ([5], [])])
+    copied = []
+    read_into = ShardFile.read_into
+    monkeypatch.setattr(ShardFile, "read_into", lambda self, name, *a, **k: copied.append(name) or read_into(
+        self, name, *a, **k))
+    model = load(src.artifact, plan=plan)
+    assert [sp["pad"] for sp in model.config.gisp_layers] == [[1, 2, 3], [], [], []]
+    assert "model.layers.0.self_attn.o_proj.weight" in copied  # its padding columns must be zeros
+    assert not [n for n in copied if n.startswith("model.layers.0.self_attn.q_proj")]  # mapped
+    attn, dense = model.model.layers[0].self_attn, src.dense.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.weight, dense.q_proj.weight)  # padding rows included: they are the file's heads 1..3
+    if attn.q_proj.bias is not None:
+        assert torch.equal(attn.q_proj.bias, dense.q_proj.bias)
+    hd = src.shape.head_dim
+    assert not attn.o_proj.weight[:, hd:4 * hd].any()
     assert_matches(model, src.oracle(plan), probe_ids())
 
 
