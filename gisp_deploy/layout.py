@@ -20,7 +20,10 @@ LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weig
 
 def head_rows(heads, head_dim: int) -> list[int]:
     """Rows of head-major projections for `heads` (-1 heads give -1 rows): [h0*D .. h0*D+D-1, h1*D, ...]."""
-    return [h * head_dim + d if h >= 0 else -1 for h in heads for d in range(head_dim)]
+    rows: list[int] = []
+    for h in heads:  # whole heads at a time: a model's rows are built in C, not one by one
+        rows.extend(range(h * head_dim, (h + 1) * head_dim) if h >= 0 else [-1] * head_dim)
+    return rows
 
 
 def consumer_inputs(lay, head_dim: int) -> dict[str, tuple[list[int], list[int]]]:
@@ -66,12 +69,15 @@ def padding_from_file(key: str, rows: list[int] | None) -> list[int] | None:
     rank-ordered artifact's padded groups then often read as one run: heads 0, 1, -1, -1, 4, ... of groups of
     four become rows of heads 0..4, ...."""
     m = LAYER_TENSOR.match(key)
-    if not m or m.group(3) not in CANCELLED_PADDING or not rows or rows[0] < 0 or all(r >= 0 for r in rows):
+    if not m or m.group(3) not in CANCELLED_PADDING or not rows or rows[0] < 0 or min(rows) >= 0:
         return None
-    filled = list(rows)
-    for i in range(1, len(filled)):
-        if filled[i] < 0:
-            filled[i] = filled[i - 1] + 1
+    filled, i = list(rows), rows.index(-1)
+    while i >= 0:  # a run of padding at a time
+        j = i
+        while j < len(filled) and filled[j] < 0:
+            j += 1
+        filled[i:j] = range(filled[i - 1] + 1, filled[i - 1] + 1 + j - i)
+        i = filled.index(-1, j) if -1 in filled[j:] else -1
     return filled
 
 

@@ -40,11 +40,14 @@ GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round o
 
 
 def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
-                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None) -> dict:
+                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None,
+                    pool: ThreadPoolExecutor | None = None, copying: list | None = None) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
     CPU (default): one-run tensors mapped from the file, the others read into the compact tensors (kept rows /
-    columns, through the staging bytes; _read_positioned).
+    columns, through the staging bytes; _read_positioned). Given a `pool` of READ_THREADS and a `copying` list,
+    it returns while the copies still run, their futures in `copying`: the tensors in the dict are the ones
+    being filled, to be used only once every future is done (while `reader` is open).
     on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
     the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
     reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns
@@ -66,7 +69,12 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
 
     if copy_mapped and not on_device:
-        _read_positioned(reader, metas, layouts, head_dim, dtype, sd)
+        futures = _read_positioned(reader, metas, layouts, head_dim, dtype, sd, pool)
+        if copying is None:
+            for f in futures:
+                f.result()
+        else:
+            copying.extend(futures)
         return sd
     pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
     held = 0
@@ -90,14 +98,16 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     return sd
 
 
-def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict) -> None:
+def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict,
+                     pool: ThreadPoolExecutor | None = None) -> list:
     """CPU: a compact tensor that is one contiguous run of its dense tensor's rows or columns, in the file's
     dtype, is a copy-on-write view of the mapped file (read when first touched, like a dense model; every
     tensor of a rank-ordered artifact's MLP, and its q_proj where padding heads can be the file's next ones);
     every other one is read into fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into;
     padding never written) by READ_THREADS threads, which fault in fresh pages side by side, take the largest
     tensors first, and share the reader's staging bytes. So peak anonymous memory is at most the compact model
-    plus STAGING_BYTES."""
+    plus STAGING_BYTES. The copies run on `pool` (or a pool of their own, waited for) and their futures are
+    returned."""
     copies = []  # (key, shape, dtype, positions, dim) of the tensors that are read, not mapped
     for key, meta in metas.items():
         shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
@@ -117,10 +127,6 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
     jobs = [(key, fresh_zeros(shape, dt), pos, dim) for key, shape, dt, pos, dim in copies]  # padding stays untouched
     sd.update({key: out for key, out, _, _ in jobs})
     workers = max(1, min(READ_THREADS, len(jobs)))
-    if workers == 1:
-        for key, out, pos, dim in jobs:
-            reader.read_into(key, out, pos, dim, zeroed=True)
-        return
     share = reader.staging.nbytes // workers  # the staging bytes split, not multiplied
     parts, loads = [[] for _ in range(workers)], [0] * workers
     for job in sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size()):  # largest first, to the least loaded
@@ -133,8 +139,11 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
         for key, out, pos, dim in part:
             reader.read_into(key, out, pos, dim, staging, zeroed=True)
 
-    with ThreadPoolExecutor(workers) as pool:  # reads and numpy copies release the GIL
-        list(pool.map(run, parts))
+    if pool is not None:  # reads and numpy copies release the GIL
+        return [pool.submit(run, part) for part in parts]
+    with ThreadPoolExecutor(workers) as own:  # waits for them all; their errors stay in the futures
+        futures = [own.submit(run, part) for part in parts]
+    return futures
 
 
 def _mapped_rows(reader: WeightReader, key: str, rows: list[int] | None, dtype):
@@ -218,12 +227,30 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     model = build_model(config, attn_implementation)
     read_dev = "cpu" if device.type == "cpu" else str(device)
     from_source = not artifact.manifest["weights"]["copied"]
-    with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader:
+    copying: list = []  # the copy threads' futures: the model is put together while they fill its tensors
+    with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, \
+            ThreadPoolExecutor(READ_THREADS) as pool:
         sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
                              copy_mapped=plan.kept_params < plan.shape.total_params,
-                             on_device=device.type != "cpu" or gather == "device")
+                             on_device=device.type != "cpu" or gather == "device", pool=pool, copying=copying)
+        _assemble(model, sd, device)
+        del sd
+        _load_generation_config(model, artifact.path)
+        for f in copying:
+            f.result()  # the first read error, if any
+    if windows is not None:
+        dense_config = copy.deepcopy(artifact.config)
+        dense_config._attn_implementation = model.config._attn_implementation
+        with WeightReader(artifact.weights_dir, "cpu", links_may_leave=from_source) as reader:
+            correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim,
+                    cache_key=artifact.digest)
+    return model
+
+
+def _assemble(model: nn.Module, sd: dict, device) -> None:
+    """Put `sd` into the meta-device `model` (assigned, not copied), tie its weights, make its buffers, and
+    switch it to eval mode: none of it reads the tensors' values."""
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    del sd
     tied = _tied_keys(model)
     if unexpected or set(missing) - set(tied):
         raise ArtifactError(f"weights do not fit the slice: missing {sorted(set(missing) - set(tied))}, "
@@ -235,14 +262,6 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     if left:
         raise ArtifactError(f"parameters left unloaded: {left}")
     model.eval()
-    if windows is not None:
-        dense_config = copy.deepcopy(artifact.config)
-        dense_config._attn_implementation = model.config._attn_implementation
-        with WeightReader(artifact.weights_dir, "cpu", links_may_leave=from_source) as reader:
-            correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim,
-                    cache_key=artifact.digest)
-    _load_generation_config(model, artifact.path)
-    return model
 
 
 def _load_generation_config(model, path: Path) -> None:
