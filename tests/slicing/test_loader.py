@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gisp_deploy.artifact import load_artifact, write_artifact
+from gisp_deploy.artifact import ArtifactError, load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
 from gisp_deploy.modeling import build_model, padding_params
 from gisp_deploy.plan import plan_slice
@@ -234,3 +234,22 @@ def test_errors_and_lazy_export(sources):
         load(src.artifact)
     model = load(str(src.artifact.path), 0.3)  # a path works too
     assert not model.training and model.generation_config.pad_token_id == 2
+
+
+def test_a_failed_copy_fails_the_load(sources, monkeypatch):
+    """A read that fails in a copy thread (here: every o_proj's) is load's error, after every thread ended."""
+    import threading
+
+    src = sources("llama-gqa")
+    read_into = ShardFile.read_into
+
+    def failing(self, name, *a, **k):
+        if name.endswith("o_proj.weight"):
+            raise ArtifactError(f"{self.path}: the file ended early; it is truncated, restore it")
+        return read_into(self, name, *a, **k)
+
+    monkeypatch.setattr(ShardFile, "read_into", failing)
+    before = threading.active_count()
+    with pytest.raises(ArtifactError, match="truncated"):
+        load(src.artifact, plan=hand_plan(src.shape, extreme_plans(src.shape)["mixed"]))  # uneven groups: copied
+    assert threading.active_count() == before
