@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..families import CONFIG_KEY
-from ..layout import select, source_indices
+from ..layout import padding_from_file, select, source_indices
 from ..safetensors_file import take
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)\b")
@@ -143,16 +143,23 @@ def slice_weights(sl: VllmSlice, weights: Iterable[tuple[str, torch.Tensor]]):
             if sl.layouts is not None:
                 rows, cols = source_indices(name, sl.layouts, sl.head_dim)
                 if rows is not None:
-                    t = _cut(t, rows, 0)
+                    filled = padding_from_file(name, rows)  # a padded group as one run of the file's rows
+                    t = _cut(t, filled if filled and _one_run(filled, t.shape[0]) else rows, 0)
                 elif cols is not None:
                     t = _cut(t, cols, 1)
         yield name, t
 
 
+def _one_run(positions: list[int], size: int) -> bool:
+    """Whether `positions` are consecutive entries of a dimension of `size`, without padding."""
+    return bool(positions) and 0 <= positions[0] and positions[-1] < size and \
+        positions == list(range(positions[0], positions[0] + len(positions)))
+
+
 def _cut(t: torch.Tensor, positions: list[int], dim: int) -> torch.Tensor:
     """select(), and for the CPU tensors vLLM reads (memory-mapped, no padding) numpy's take: it waits on no
     thread pool, and gathers columns several times as fast (bench/results/host_memory.json)."""
-    if positions and positions[0] >= 0 and positions == list(range(positions[0], positions[0] + len(positions))):
+    if _one_run(positions, t.shape[dim]):
         return t.narrow(dim, positions[0], len(positions))  # one run (a rank-ordered artifact's): a view, no copy
     if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous() or min(positions, default=0) < 0:
         return select(t, positions, dim)

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from gisp_deploy.artifact import load_artifact, write_artifact
 from gisp_deploy.families import ModelShape
+from gisp_deploy.layout import head_rows, padding_from_file
 from gisp_deploy.modeling import plan_layouts
 from gisp_deploy.plan import plan_slice
 from gisp_deploy.pruning.methods import PruneConfig, prune
@@ -69,6 +70,14 @@ def test_artifact_slice_cuts_the_weights_as_the_loader_does(artifact, ranked, la
     assert not set(got) & {"layer", "kind", "index", "step", "score", "params"}  # the ranking is no weight
     for name, t in got.items():
         assert torch.equal(t, want[name]), name
+    if layout == "rank-ordered":  # padded groups whose padding can be the file's next heads: views, no copy
+        views = [n for n, lay in zip(range(len(sl.layers)), plan_layouts(plan)) if len(lay.pad)
+                 and padding_from_file(f"model.layers.{n}.self_attn.q_proj.weight", head_rows(lay.q_src, sl.head_dim))
+                 == list(range(len(lay.q_src) * sl.head_dim))]
+        assert views  # this artifact has some
+        for n in views:
+            name = f"model.layers.{n}.self_attn.q_proj.weight"
+            assert got[name].data_ptr() == dense[name].data_ptr(), name
     dropped = set(dense) - set(got) - {"layer", "kind", "index", "step", "score", "params"}
     for name in dropped:  # only what a removed sub-block had, and its norm
         layer = int(name.split(".")[2])
