@@ -6,7 +6,8 @@ file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded que
 can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
 tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
 and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from
-there; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole
+there, by two threads while the model is put together; so peak anonymous memory is the compact model plus
+that buffer. On CUDA the dense tensors are read whole
 onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
 (several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
 transformers does.
