@@ -17,6 +17,7 @@ compared with the dense load next to it in time:
     dense bandwidth  = dense model bytes / dense ready time          (that pair's dense load)
     kept-bytes time  = slice model bytes / dense bandwidth
     ratio            = slice ready time / kept-bytes time             goal <= 1.1
+    slice bandwidth  = slice model bytes / slice ready time           (what the slice achieved)
     peak anon        = peak RssAnon growth during the load (sampled every 2 ms by a thread in the child; VmHWM
                        growth, file pages included, is its upper bound)     goal <= slice bytes + staging buffer
 
@@ -176,6 +177,7 @@ def pair_record(dense: dict, sl: dict) -> dict:
     bw = dense["model_mb"] * 2**20 / dense["ready_s"]  # bytes / s of the dense path, this pair
     kept_s = sl["model_mb"] * 2**20 / bw
     return {"dense_bw_gb_s": bw / 1e9, "kept_bytes_s": kept_s, "ratio": sl["ready_s"] / kept_s,
+            "slice_bw_gb_s": sl["model_mb"] * 2**20 / sl["ready_s"] / 1e9,
             "below_dense": sl["ready_s"] < dense["ready_s"]}
 
 
@@ -189,6 +191,7 @@ def summarize(name: str, s: float, pairs: list[tuple[dict, dict]], staging_mb: f
             "dense_ready_s": spread([d["ready_s"] for d, _ in pairs]),
             "dense_bw_gb_s": spread([r["dense_bw_gb_s"] for r in recs]),
             "kept_bytes_s": spread([r["kept_bytes_s"] for r in recs]),
+            "slice_bw_gb_s": spread([r["slice_bw_gb_s"] for r in recs]),
             "ready_s": spread([x["ready_s"] for x in slices]), "load_s": spread([x["load_s"] for x in slices]),
             "forward_s": spread([x["forward_s"] for x in slices]), "ratio": ratio,
             "ratio_goal_met": ratio["median"] <= 1.1,
@@ -239,7 +242,8 @@ def main():
                                  "repeat": rep, "dtype": dtype, **r})
                 rec = pair_record(d, x)
                 print(f"{name:26s} s={s:<4} #{rep}: dense ready {d['ready_s']:5.2f} s ({rec['dense_bw_gb_s']:5.2f} "
-                      f"GB/s), slice ready {x['ready_s']:5.2f} s (load {x['load_s']:5.2f}), kept-bytes time "
+                      f"GB/s), slice ready {x['ready_s']:5.2f} s (load {x['load_s']:5.2f}; {rec['slice_bw_gb_s']:5.2f} GB/s), "
+                      f"kept-bytes time "
                       f"{rec['kept_bytes_s']:5.2f} s, ratio {rec['ratio']:4.2f}, peak anon +"
                       f"{x['peak_anon_growth_mb']:6.0f} MB (slice {x['model_mb']:6.0f} MB), load avg "
                       f"{x['loadavg_1m'][1]:.1f}", flush=True)
@@ -250,14 +254,15 @@ def main():
         f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens"
     Path(args.out).write_text(json.dumps({"command": cmd, "note": note, "summary": summary, "results": rows},
                                          indent=2))
-    print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | ratio "
-          "(goal <= 1.1) | peak anon MB (goal <= kept + staging) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | slice GB/s "
+          "| ratio (goal <= 1.1) | peak anon MB (goal <= kept + staging) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in summary:
         def f(m, digits=2):
             return f"{m['median']:.{digits}f} ({m['min']:.{digits}f}-{m['max']:.{digits}f}){' !' if m['disagree'] else ''}"
         print(f"| {r['source']} | {r['sparsity']} | {r['kept_mb']:.0f} | {f(r['dense_ready_s'])} | "
-              f"{f(r['dense_bw_gb_s'])} | {f(r['kept_bytes_s'])} | {f(r['ready_s'])} | {f(r['ratio'])} "
+              f"{f(r['dense_bw_gb_s'])} | {f(r['kept_bytes_s'])} | {f(r['ready_s'])} | {f(r['slice_bw_gb_s'])} | "
+              f"{f(r['ratio'])} "
               f"{'ok' if r['ratio_goal_met'] else 'MISSED'} | {f(r['peak_anon_growth_mb'], 0)} <= "
               f"{r['anon_bound_mb']:.0f} {'ok' if r['anon_goal_met'] else 'MISSED'} |")
     print("(median (min-max) over repeats; ! = repeats differ by more than 25%)")
