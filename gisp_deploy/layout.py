@@ -71,13 +71,10 @@ def padding_from_file(key: str, rows: list[int] | None) -> list[int] | None:
     m = LAYER_TENSOR.match(key)
     if not m or m.group(3) not in CANCELLED_PADDING or not rows or rows[0] < 0 or min(rows) >= 0:
         return None
-    filled, i = list(rows), rows.index(-1)
-    while i >= 0:  # a run of padding at a time
-        j = i
-        while j < len(filled) and filled[j] < 0:
-            j += 1
-        filled[i:j] = range(filled[i - 1] + 1, filled[i - 1] + 1 + j - i)
-        i = filled.index(-1, j) if -1 in filled[j:] else -1
+    filled = list(rows)
+    for i in range(1, len(filled)):
+        if filled[i] < 0:
+            filled[i] = filled[i - 1] + 1
     return filled
 
 

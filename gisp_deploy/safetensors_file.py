@@ -176,8 +176,9 @@ class ShardFile:
                              f"dim {dim})")
         dst = torch.nonzero(pos >= 0).flatten()  # [K] destination index of each real position
         src = pos[dst]  # [K] its source index along dim
-        for d0, n in [] if zeroed else _spans(torch.nonzero(pos < 0).flatten()):  # zero padding, run by run
-            _ints(out.narrow(dim, d0, n))[...] = 0
+        if not zeroed:
+            for d0, n in _spans(torch.nonzero(pos < 0).flatten()):  # zero padding, a run of rows / columns at a time
+                _ints(out.narrow(dim, d0, n))[...] = 0
         staging = staging or StagingBuffer(min(STAGING_BYTES, max(row_bytes, rows_src * row_bytes)))
         if dim == 1:
             self._staged_cols(e, out, src, dst, dtype, row_bytes, staging)

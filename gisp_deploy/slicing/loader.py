@@ -41,14 +41,14 @@ GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round o
 
 
 def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
-                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None,
-                    pool: ThreadPoolExecutor | None = None, copying: list | None = None) -> dict:
+                    copy_mapped: bool = True, on_device: bool = False, budget: int | None = None, *,
+                    pool: ThreadPoolExecutor, copying: list) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
     CPU (default): one-run tensors mapped from the file, the others read into the compact tensors (kept rows /
-    columns, through the staging bytes; _read_positioned). Given a `pool` of READ_THREADS and a `copying` list,
-    it returns while the copies still run, their futures in `copying`: the tensors in the dict are the ones
-    being filled, to be used only once every future is done (while `reader` is open).
+    columns, through the staging bytes; _read_positioned) on `pool`, a pool of READ_THREADS. It returns while
+    the copies still run, their futures appended to `copying`: the tensors in the dict are the ones being
+    filled, to be used only once every future is done (while `reader` is open).
     on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
     the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
     reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns
@@ -70,12 +70,7 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
 
     if copy_mapped and not on_device:
-        futures = _read_positioned(reader, metas, layouts, head_dim, dtype, sd, pool)
-        if copying is None:
-            for f in futures:
-                f.result()
-        else:
-            copying.extend(futures)
+        copying.extend(_read_positioned(reader, metas, layouts, head_dim, dtype, sd, pool))
         return sd
     pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
     held = 0
@@ -100,15 +95,14 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
 
 
 def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict,
-                     pool: ThreadPoolExecutor | None = None) -> list:
+                     pool: ThreadPoolExecutor) -> list:
     """CPU: a compact tensor that is one contiguous run of its dense tensor's rows or columns, in the file's
     dtype, is a copy-on-write view of the mapped file (read when first touched, like a dense model; every
     tensor of a rank-ordered artifact's MLP, and its q_proj where padding heads can be the file's next ones);
     every other one is read into fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into;
     padding never written) by READ_THREADS threads, which fault in fresh pages side by side, take the largest
     tensors first, and share the reader's staging bytes. So peak anonymous memory is at most the compact model
-    plus STAGING_BYTES. The copies run on `pool` (or a pool of their own, waited for) and their futures are
-    returned."""
+    plus STAGING_BYTES. The copies run on `pool`; their futures are returned."""
     copies = []  # (key, shape, dtype, positions, dim) of the tensors that are read, not mapped
     for key, meta in metas.items():
         shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
@@ -140,11 +134,7 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
         for key, out, pos, dim in part:
             reader.read_into(key, out, pos, dim, staging, zeroed=True)
 
-    if pool is not None:  # reads and numpy copies release the GIL
-        return [pool.submit(run, part) for part in parts]
-    with ThreadPoolExecutor(workers) as own:  # waits for them all; their errors stay in the futures
-        futures = [own.submit(run, part) for part in parts]
-    return futures
+    return [pool.submit(run, part) for part in parts]  # reads and numpy copies release the GIL
 
 
 def _mapped_rows(reader: WeightReader, key: str, rows: list[int] | None, dtype):

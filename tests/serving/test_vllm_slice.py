@@ -71,7 +71,7 @@ def test_artifact_slice_cuts_the_weights_as_the_loader_does(artifact, ranked, la
     for name, t in got.items():
         assert torch.equal(t, want[name]), name
     if layout == "rank-ordered":  # padded groups whose padding can be the file's next heads: views, no copy
-        views = [n for n, lay in zip(range(len(sl.layers)), plan_layouts(plan)) if len(lay.pad)
+        views = [n for n, lay in enumerate(plan_layouts(plan)) if len(lay.pad)
                  and padding_from_file(f"model.layers.{n}.self_attn.q_proj.weight", head_rows(lay.q_src, sl.head_dim))
                  == list(range(len(lay.q_src) * sl.head_dim))]
         assert views  # this artifact has some
