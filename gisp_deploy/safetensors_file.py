@@ -131,16 +131,24 @@ class ShardFile:
             start, stop = positions[0], positions[-1] + 1
             if start < 0 or stop > shape[dim] or positions != list(range(start, stop)):
                 return None
-        offset = self.base + e["data_offsets"][0]
-        if offset % file_dtype.itemsize or e["data_offsets"][1] == e["data_offsets"][0]:
+        whole = self._whole(e)
+        if whole is None:
             return None
-        if self._map is None:  # the views hold the mapping: it lives as long as the last of them
-            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
-        whole = torch.frombuffer(self._map, dtype=torch.uint8, count=e["data_offsets"][1] - e["data_offsets"][0],
-                                 offset=offset).view(file_dtype).view(shape)
         if positions is None:
             return whole
         return whole.narrow(dim, start, stop - start)
+
+    def _whole(self, e) -> torch.Tensor | None:
+        """Entry `e` as a view of the file mapped copy-on-write; None where its offset is misaligned or it is
+        empty."""
+        dtype = SAFETENSORS_DTYPES[e["dtype"]]
+        offset = self.base + e["data_offsets"][0]
+        if offset % dtype.itemsize or e["data_offsets"][1] == e["data_offsets"][0]:
+            return None
+        if self._map is None:  # the views hold the mapping: it lives as long as the last of them
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=e["data_offsets"][1] - e["data_offsets"][0],
+                                offset=offset).view(dtype).view(e["shape"])
 
     def read(self, name: str, rows: list[int] | None = None) -> torch.Tensor:
         """The tensor, or only its `rows` (dim 0, in the given order)."""
@@ -155,8 +163,9 @@ class ShardFile:
         """Fill `out` (contiguous) with tensor `name`, or with its entries at `positions` along `dim` (0 rows,
         1 columns of a matrix; -1 gives zeros, left as they are where `out` is `zeroed` already: fresh_zeros),
         converted to out's dtype. Whole tensors and long runs of kept
-        rows are read straight into `out`; columns, short row runs and conversions go through `staging` one
-        block of rows at a time, and the kept entries are gathered from there."""
+        rows are read straight into `out`, long runs of kept columns copied from the mapped file (only their
+        bytes are read); other columns, short row runs and conversions go through `staging` one block of rows at
+        a time, and the kept entries are gathered from there."""
         e = self.entries[name]
         shape, dtype = list(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]]
         want = list(shape)
@@ -181,7 +190,7 @@ class ShardFile:
                 _ints(out.narrow(dim, d0, n))[...] = 0
         staging = staging or StagingBuffer(min(STAGING_BYTES, max(row_bytes, rows_src * row_bytes)))
         if dim == 1:
-            self._staged_cols(e, out, src, dst, dtype, row_bytes, staging)
+            self._read_cols(e, out, src, dst, dtype, row_bytes, staging)
         elif len(src):
             self._read_rows(e, out, src, dst, dtype, row_bytes, staging)
 
@@ -215,22 +224,25 @@ class ShardFile:
                 flat[d0:d0 + len(d)].copy_(block.index_select(0, local))
             i = j
 
-    def _staged_cols(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
-        """Columns src[i] -> out columns dst[i] of every row, a block of rows at a time: run by run where the
-        kept columns come in long runs (a rank-ordered artifact's groups), else gathered column by column."""
-        rows = e["shape"][0]
+    def _read_cols(self, e, out, src, dst, dtype, row_bytes: int, staging: StagingBuffer) -> None:
+        """Columns src[i] -> out columns dst[i] of every row. Where the kept columns come in long runs (a
+        rank-ordered artifact's groups) each run is copied from the mapped file, every row at once: only the
+        kept bytes are read, with no staging copy (that made a 0.5 slice of a 1.5B load 5-10% faster). Else a
+        block of rows at a time is staged and gathered column by column."""
         runs = _runs(src, dst)
-        by_runs = out.dtype == dtype and len(runs) * MIN_COLUMN_RUN <= len(src)
+        whole = self._whole(e) if out.dtype == dtype and len(runs) * MIN_COLUMN_RUN <= len(src) else None
+        if whole is not None:
+            have, want = _ints(whole), _ints(out)  # [R, C_src], [R, C_out]
+            for s0, d0, k in runs:
+                want[:, d0:d0 + k] = have[:, s0:s0 + k]
+            return
+        rows = e["shape"][0]
         direct = out.dtype == dtype and len(dst) == out.shape[1]  # no padding column, no conversion
         per = staging.rows(row_bytes)
         for r0 in range(0, rows, per):
             n = min(per, rows - r0)
             block = self._stage(e, r0, n, row_bytes, staging, dtype)  # [n, C_src]
-            if by_runs:
-                have, want = _ints(block), _ints(out[r0:r0 + n])
-                for s0, d0, k in runs:
-                    want[:, d0:d0 + k] = have[:, s0:s0 + k]
-            elif direct:
+            if direct:
                 take(block, src, 1, out[r0:r0 + n])
             elif len(src):
                 out[r0:r0 + n].index_copy_(1, dst, block.index_select(1, src).to(out.dtype))

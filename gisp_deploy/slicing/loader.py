@@ -4,10 +4,10 @@ Only the kept rows / columns of each dense tensor are materialised. On the CPU t
 mapped copy-on-write where a compact tensor is one contiguous run of a dense one's rows or columns in the
 file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded query groups whose padding heads
 can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
-tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, columns
-and scattered rows through one reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from
-there, by two threads while the model is put together; so peak anonymous memory is the compact model plus
-that buffer. On CUDA the dense tensors are read whole
+tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, long runs
+of kept columns (o_proj's padded groups) copied from the mapped file, scattered rows and columns through one
+reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from there, by two threads while the
+model is put together; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole
 onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
 (several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
 transformers does.
