@@ -241,7 +241,7 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
 def _assemble(model: nn.Module, sd: dict, device) -> None:
     """Put `sd` into the meta-device `model` (assigned, not copied), tie its weights, make its buffers, and
     switch it to eval mode: none of it reads the tensors' values."""
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing, unexpected = _assign(model, sd)
     tied = _tied_keys(model)
     if unexpected or set(missing) - set(tied):
         raise ArtifactError(f"weights do not fit the slice: missing {sorted(set(missing) - set(tied))}, "
@@ -253,6 +253,32 @@ def _assemble(model: nn.Module, sd: dict, device) -> None:
     if left:
         raise ArtifactError(f"parameters left unloaded: {left}")
     model.eval()
+
+
+def _assign(model: nn.Module, sd: dict) -> tuple[list[str], list[str]]:
+    """model.load_state_dict(sd, strict=False, assign=True) for a model of plain modules, without its per-module
+    machinery (a third of the time it took to put a 1.5B slice together): each parameter becomes its tensor in
+    `sd`, keeping its requires_grad; persistent buffers are replaced likewise. The missing and unexpected keys."""
+    left = dict(sd)
+    missing = []
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            t = left.pop(prefix + name, None)
+            if t is None:
+                missing.append(prefix + name)
+            else:
+                module._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
+        for name in module._buffers:
+            if name not in module._non_persistent_buffers_set:
+                t = left.pop(prefix + name, None)
+                if t is None:
+                    missing.append(prefix + name)
+                else:
+                    module._buffers[name] = t
+    return missing, list(left)
 
 
 def _load_generation_config(model, path: Path) -> None:

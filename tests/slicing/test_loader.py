@@ -121,7 +121,9 @@ def test_tied_embeddings_and_biases(sources):
     assert shape.o_bias and shape.mlp_bias and shape.q_bias
     for plan in (plan_slice(src.artifact.ranking, 0.4), hand_plan(shape, extreme_plans(shape)["mixed"])):
         model = load(src.artifact, plan=plan)
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        params = list(model.parameters())  # as from_pretrained gives them: trainable, no meta left
+        assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and not p.is_meta for p in params)
         assert decoder_linear_params(model) == plan.kept_params + padding_params(plan)
         assert_matches(model, src.oracle(plan), probe_ids())
 
