@@ -1,7 +1,7 @@
 """CPU load of compact slices against the dense model, and the issue-18 goal checked directly.
 
     python bench/load_cpu.py [--out bench/results/load_cpu.json] [--work /tmp/gisp-load-bench]
-        [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold] [--tokens 8]
+        [--reference ARTIFACT] [--repeats 3] [--sparsities 0.2,0.4,0.5] [--cold] [--tokens 8] [--dtype native]
 
 Four sources: the reference model's GISP artifact (--reference; bench/results/methods/artifact-gisp, made by
 bench/methods_table.py), a locally written random-weight Llama checkpoint of about 1.5B parameters (bf16,
@@ -24,6 +24,8 @@ compared with the dense load next to it in time:
 Medians over repeats with min-max spreads; a warning where repeats of one measurement differ by more than 25%,
 and the machine's load average with every record. --cold drops the weight files from the page cache before
 every load (posix_fadvise DONTNEED: works without root, for files nobody has mapped); default warm cache.
+--dtype float32 (or bfloat16, float16) has both loaders convert to that dtype (from_pretrained(dtype=...),
+gisp_deploy.load(dtype=...)); native, the default, loads each source in its own dtype.
 """
 
 from __future__ import annotations
@@ -214,6 +216,8 @@ def main():
     ap.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each load")
     ap.add_argument("--tokens", type=int, default=8, help="tokens of the first forward pass (1 still reads every "
                     "weight; where bf16 matmuls are slow, fewer tokens leave the bytes, not the compute, to measure)")
+    ap.add_argument("--dtype", default="native", choices=("native", "float32", "bfloat16", "float16"),
+                    help="the dtype both loaders give (native: each source's own, no conversion)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -226,6 +230,7 @@ def main():
     rows, summary = [], []
     for key in args.sources.split(","):
         name, where, dtype = known[key]
+        dtype = dtype if args.dtype == "native" else args.dtype
         art = where()
         probe("compact", art, sparsities[0], dtype, False, args.tokens)  # warm the page cache (and the verification record)
         probe("dense", art, 0.0, dtype, False, args.tokens)
@@ -247,11 +252,11 @@ def main():
                       f"{rec['kept_bytes_s']:5.2f} s, ratio {rec['ratio']:4.2f}, peak anon +"
                       f"{x['peak_anon_growth_mb']:6.0f} MB (slice {x['model_mb']:6.0f} MB), load avg "
                       f"{x['loadavg_1m'][1]:.1f}", flush=True)
-            summary.append(summarize(name, s, pairs, staging_mb))
+            summary.append({**summarize(name, s, pairs, staging_mb), "dtype": dtype})
     cmd = "python bench/load_cpu.py " + " ".join(sys.argv[1:])
     note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
         f"; {os.cpu_count()} CPUs shared with other jobs (load average in every record); staging buffer " \
-        f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens"
+        f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens; dtype {args.dtype}"
     Path(args.out).write_text(json.dumps({"command": cmd, "note": note, "summary": summary, "results": rows},
                                          indent=2))
     print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | slice GB/s "
