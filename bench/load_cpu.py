@@ -167,6 +167,15 @@ def probe(mode: str, art: Path, s: float, dtype: str, cold: bool, tokens: int = 
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_1m": [load_before, os.getloadavg()[0]]}
 
 
+def _commit() -> str:
+    """The commit measured, with "+dirty" when the tree has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                           text=True)
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def spread(values: list[float]) -> dict:
     """Median, min and max, and whether repeats disagree by more than 25%."""
     lo, hi = min(values), max(values)
@@ -257,8 +266,8 @@ def main():
     note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
         f"; {os.cpu_count()} CPUs shared with other jobs (load average in every record); staging buffer " \
         f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens; dtype {args.dtype}"
-    Path(args.out).write_text(json.dumps({"command": cmd, "note": note, "summary": summary, "results": rows},
-                                         indent=2))
+    Path(args.out).write_text(json.dumps({"command": cmd, "commit": _commit(), "note": note, "summary": summary,
+                                          "results": rows}, indent=2))
     print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | slice GB/s "
           "| ratio (goal <= 1.1) | peak anon MB (goal <= kept + staging) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

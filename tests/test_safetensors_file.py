@@ -41,11 +41,16 @@ def _expected(t: torch.Tensor, positions, dim: int, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("call_bytes", [0, 1 << 40])  # every row run read straight in / every row staged
 @pytest.mark.parametrize("staging_bytes", [1 << 20, 3 * 100 * 4, 1])  # roomy; a few rows per block; under one row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_read_into_gathers_rows_and_columns_exactly(tmp_path, dtype, staging_bytes, call_bytes, monkeypatch):
+@pytest.mark.parametrize("mappable", [True, False])  # gathered from the mapped file / read into the staging buffer
+def test_read_into_gathers_rows_and_columns_exactly(tmp_path, dtype, staging_bytes, call_bytes, mappable,
+                                                    monkeypatch):
     """Every way of reading kept rows / columns into a given tensor against torch indexing: empty, single
     rows, all kept, runs read straight in and staged, unsorted, padding (-1), columns in and out of order,
-    a tensor larger than the staging buffer, and a conversion to another dtype."""
+    a tensor larger than the staging buffer, and a conversion to another dtype; from the mapped file and,
+    as for an entry whose offset cannot be mapped, through positioned reads only."""
     monkeypatch.setattr(safetensors_file, "READ_CALL_BYTES", call_bytes)
+    if not mappable:
+        monkeypatch.setattr(ShardFile, "_whole", lambda self, e: None)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(40, 100, generator=g).to(dtype)
     big = torch.randn(300, 64, generator=g).to(dtype)  # runs of 100 rows: long enough to be read straight in

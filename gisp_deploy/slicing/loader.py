@@ -5,9 +5,10 @@ mapped copy-on-write where a compact tensor is one contiguous run of a dense one
 file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded query groups whose padding heads
 can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
 tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, long runs
-of kept columns (o_proj's padded groups) copied from the mapped file, scattered rows and columns through one
-reused staging buffer (STAGING_BYTES) a block of rows at a time, gathered from there, by two threads while the
-model is put together; so peak anonymous memory is the compact model plus that buffer. On CUDA the dense tensors are read whole
+of kept columns (o_proj's padded groups) copied from the mapped file, scattered rows and columns gathered from
+the mapped file (through one reused staging buffer, STAGING_BYTES, where an entry cannot be mapped), by two
+threads while the model is put together; so peak anonymous memory is the compact model plus at most that
+buffer. On CUDA the dense tensors are read whole
 onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
 (several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
 transformers does.
@@ -101,8 +102,8 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
     tensor of a rank-ordered artifact's MLP, and its q_proj where padding heads can be the file's next ones);
     every other one is read into fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into;
     padding never written) by READ_THREADS threads, which fault in fresh pages side by side, take the largest
-    tensors first, and share the reader's staging bytes. So peak anonymous memory is at most the compact model
-    plus STAGING_BYTES. The copies run on `pool`; their futures are returned."""
+    tensors first, and share the reader's staging bytes (used only for entries that cannot be mapped). So peak
+    anonymous memory is at most the compact model plus STAGING_BYTES. The copies run on `pool`; their futures are returned."""
     copies = []  # (key, shape, dtype, positions, dim) of the tensors that are read, not mapped
     for key, meta in metas.items():
         shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
