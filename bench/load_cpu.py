@@ -176,6 +176,13 @@ def _commit() -> str:
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def spread(values: list[float]) -> dict:
     """Median, min and max, and whether repeats disagree by more than 25%."""
     lo, hi = min(values), max(values)
@@ -264,7 +271,7 @@ def main():
             summary.append({**summarize(name, s, pairs, staging_mb), "dtype": dtype})
     cmd = "python bench/load_cpu.py " + " ".join(sys.argv[1:])
     note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
-        f"; {os.cpu_count()} CPUs shared with other jobs (load average in every record); staging buffer " \
+        f"; {os.cpu_count()} CPUs ({_cpu_model()}) shared with other jobs (load average in every record); staging buffer " \
         f"{staging_mb:.0f} MiB; first forward of {args.tokens} tokens; dtype {args.dtype}"
     Path(args.out).write_text(json.dumps({"command": cmd, "commit": _commit(), "note": note, "summary": summary,
                                           "results": rows}, indent=2))
