@@ -81,9 +81,10 @@ def padding_from_file(key: str, rows: list[int] | None) -> list[int] | None:
 def source_indices(key: str, layouts, head_dim: int):
     """(rows, cols) of the dense tensor `key` that compact tensor `key` keeps, given each layer's LayerLayout:
     source positions with -1 for zero padding, or None for 'all'. Outputs of o_proj / down_proj (and their bias)
-    and the per-head norms of Qwen3 are never sliced."""
+    and the per-head norms of Qwen3 are never sliced; nor is a tensor of a layer the layouts do not have (a key
+    of the checkpoint that no model asks for)."""
     m = LAYER_TENSOR.match(key)
-    if not m:
+    if not m or int(m.group(1)) >= len(layouts):
         return None, None
     lay = layouts[int(m.group(1))]
     proj, kind = m.group(3), m.group(4)

@@ -30,6 +30,26 @@ def test_shard_file_reads_rows_exactly(tmp_path, dtype):
             f.read("w", [39, 40])
 
 
+def test_mapped_views_are_the_runs_and_nothing_else(tmp_path):
+    """A whole tensor, one run of rows or of columns: views equal to the tensor's, copy-on-write (a write never
+    reaches the file); padding, gaps, reordering, out-of-range positions or another dtype: None (a copy is needed)."""
+    w = torch.randn(40, 100)
+    path = tmp_path / "t.safetensors"
+    save_file({"w": w}, str(path), metadata={"format": "pt"})
+    with ShardFile(path) as f:
+        assert torch.equal(f.mapped("w"), w)
+        for dim in (0, 1):
+            for lo, hi in ((0, 40), (3, 17), (39, 40)):
+                view = f.mapped("w", list(range(lo, hi)), dim)
+                assert torch.equal(view, w.narrow(dim, lo, hi - lo))
+        for positions in ([], [3, 5], [4, 3], [3, 4, -1], [-1, 0], [38, 39, 40], [3, 4, 4, 5]):
+            assert f.mapped("w", positions, 0) is None, positions
+        assert f.mapped("w", None, 0, torch.bfloat16) is None
+        f.mapped("w", list(range(2, 4)), 0).fill_(7)
+    with ShardFile(path) as f:
+        assert torch.equal(f.read("w"), w)
+
+
 def _expected(t: torch.Tensor, positions, dim: int, dtype) -> torch.Tensor:
     """The oracle: torch indexing, -1 positions zero."""
     idx = torch.tensor([max(p, 0) for p in positions], dtype=torch.long)

@@ -6,9 +6,10 @@ file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded que
 can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
 tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, long runs
 of kept columns (o_proj's padded groups) copied from the mapped file, scattered rows and columns gathered from
-the mapped file (through one reused staging buffer, STAGING_BYTES, where an entry cannot be mapped), by two
-threads while the model is put together; so peak anonymous memory is the compact model plus at most that
-buffer. On CUDA the dense tensors are read whole
+the mapped file (through staging buffers, STAGING_BYTES in all, where an entry cannot be mapped), by two
+threads (CopyPool) while the model is built and put together: the sliced tensors are begun from the checkpoint's
+own index before the model exists (start_sliced_reads). So peak anonymous memory is the compact model plus at
+most those buffers. On CUDA the dense tensors are read whole
 onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
 (several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
 transformers does.
@@ -17,6 +18,7 @@ transformers does.
 from __future__ import annotations
 
 import copy
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from ..layout import kept, padding_from_file, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
 from ..refit import DEFAULT_RIDGE
-from ..safetensors_file import StagingBuffer, fresh_zeros
+from ..safetensors_file import STAGING_BYTES, StagingBuffer, fresh_zeros
 from .correction import correct, refit_record, statistics_or_notice
 from .weights import WeightReader
 
@@ -41,15 +43,50 @@ READ_THREADS = 2  # threads reading the tensors that are copied: on 2 CPUs, 2 ma
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 
 
+class CopyPool:
+    """READ_THREADS threads filling compact tensors from the checkpoint (reads and numpy copies release the GIL),
+    each read holding one of READ_THREADS staging buffers of STAGING_BYTES / READ_THREADS (allocated only for an
+    entry that cannot be mapped), so the staging bytes are split over the threads, never multiplied."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(READ_THREADS)
+        self._futures: list = []
+        self._staging: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(READ_THREADS):
+            self._staging.put(StagingBuffer(STAGING_BYTES // READ_THREADS))
+
+    def read(self, reader: WeightReader, key: str, out: torch.Tensor, positions, dim: int) -> None:
+        """Begin filling fresh-zero `out` with `key`'s entries at `positions` along `dim` (padding left zero)."""
+        self._futures.append(self._pool.submit(self._read, reader, key, out, positions, dim))
+
+    def _read(self, reader, key, out, positions, dim) -> None:
+        staging = self._staging.get()  # never waits: no more reads run at once than there are buffers
+        try:
+            reader.read_into(key, out, positions, dim, staging, zeroed=True)
+        finally:
+            self._staging.put(staging)
+
+    def wait(self) -> None:
+        """Until every read begun is done; the first read error, if any."""
+        for f in self._futures:
+            f.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)  # on an error, no more reads begin
+
+
 def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: int, device, dtype,
                     copy_mapped: bool = True, on_device: bool = False, budget: int | None = None, *,
-                    pool: ThreadPoolExecutor, copying: list) -> dict:
+                    copies: CopyPool | None = None, started: dict | None = None) -> dict:
     """The compact model's state dict, gathered from the dense checkpoint; tied weights left out.
 
     CPU (default): one-run tensors mapped from the file, the others read into the compact tensors (kept rows /
-    columns, through the staging bytes; _read_positioned) on `pool`, a pool of READ_THREADS. It returns while
-    the copies still run, their futures appended to `copying`: the tensors in the dict are the ones being
-    filled, to be used only once every future is done (while `reader` is open).
+    columns; _read_positioned) by `copies`. It returns while the copies still run: the tensors in the dict are
+    the ones being filled, to be used only after copies.wait() (while `reader` is open). `started`: the sliced tensors
+    start_sliced_reads began before the model was built, checked here against the model's shapes.
     on_device: a tensor kept whole or as one run of rows (a rank-ordered artifact's row prefixes) is copied to
     the device from the mapped file, only its kept bytes; the other dense tensors are read whole onto the
     reader's device, and every `budget` bytes of them gathered in one launch for rows and one for columns
@@ -71,7 +108,15 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
         sd[key] = t.to(device=device, dtype=dtype if meta.is_floating_point() else meta.dtype)
 
     if copy_mapped and not on_device:
-        copying.extend(_read_positioned(reader, metas, layouts, head_dim, dtype, sd, pool))
+        for key in [k for k in metas if k in (started or {})]:
+            finish(key, started[key])  # shape checked; mapped views and tensors being filled stay as they are
+            del metas[key]
+        wants = []
+        for key, meta in metas.items():
+            rows, cols = source_indices(key, layouts, head_dim)
+            dim, pos = (1, cols) if cols is not None else (0, rows)
+            wants.append((key, tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype, pos, dim))
+        _read_positioned(reader, wants, sd, copies)
         return sd
     pending: list = []  # (key, dense tensor on the device, rows, cols) waiting for the next round of gathers
     held = 0
@@ -95,20 +140,42 @@ def read_state_dict(reader: WeightReader, model: nn.Module, layouts, head_dim: i
     return sd
 
 
-def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, dtype, sd: dict,
-                     pool: ThreadPoolExecutor) -> list:
-    """CPU: a compact tensor that is one contiguous run of its dense tensor's rows or columns, in the file's
-    dtype, is a copy-on-write view of the mapped file (read when first touched, like a dense model; every
-    tensor of a rank-ordered artifact's MLP, and its q_proj where padding heads can be the file's next ones);
-    every other one is read into fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into;
-    padding never written) by READ_THREADS threads, which fault in fresh pages side by side, take the largest
-    tensors first, and share the reader's staging bytes (used only for entries that cannot be mapped). So peak
-    anonymous memory is at most the compact model plus STAGING_BYTES. The copies run on `pool`; their futures are returned."""
-    copies = []  # (key, shape, dtype, positions, dim) of the tensors that are read, not mapped
-    for key, meta in metas.items():
-        shape, dt = tuple(meta.shape), dtype if meta.is_floating_point() else meta.dtype
+def start_sliced_reads(reader: WeightReader, layouts, head_dim: int, dtype, copies: CopyPool) -> dict:
+    """CPU, before the model is built: every tensor of the checkpoint that a layer slices, mapped or its copy
+    begun by `copies`, by key. Building the model's layers then runs beside the
+    copies of padded query groups (a 0.4 slice of a rank-ordered 1.5B copies 260 MB of them, about as long
+    as the build). Shapes are checked against the model afterwards (read_state_dict `started`); a tensor the
+    model has no place for is dropped there."""
+    wants = []
+    for key in reader.where:
         rows, cols = source_indices(key, layouts, head_dim)
         dim, pos = (1, cols) if cols is not None else (0, rows)
+        if not pos:
+            continue  # kept whole: mapped (or read) once the model asks for it; nothing kept: no such tensor
+        shape = reader.shape(key)
+        if len(shape) <= dim:
+            raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(shape)}, not a tensor the slice can "
+                                f"select along dim {dim} of; the weights do not match the artifact's config")
+        if max(pos) >= shape[dim]:
+            raise ArtifactError(f"{key}: the slice keeps entry {max(pos)} along dim {dim}, the checkpoint has "
+                                f"{shape[dim]}; the weights do not match the artifact's ranking")
+        shape[dim] = len(pos)
+        wants.append((key, tuple(shape), dtype, pos, dim))
+    got: dict = {}
+    _read_positioned(reader, wants, got, copies)
+    return got
+
+
+def _read_positioned(reader: WeightReader, wants: list, sd: dict, copies: CopyPool) -> None:
+    """CPU: each of `wants`, (key, compact shape, dtype, positions or None, dim), into `sd`. A compact tensor
+    that is one contiguous run of its dense tensor's rows or columns, in the file's dtype, is a copy-on-write
+    view of the mapped file (read when first touched, like a dense model; every tensor of a rank-ordered
+    artifact's MLP, and its q_proj where padding heads can be the file's next ones); every other one is read into
+    fresh zero pages of its own (kept rows / columns only, see ShardFile.read_into; padding never written) by
+    `copies`, each read begun as soon as it is found. So peak anonymous memory is at most the compact model plus
+    STAGING_BYTES."""
+    jobs = []
+    for key, shape, dt, pos, dim in wants:
         got = reader.shape(key)  # opens the tensor's file here, not in a thread
         if pos is not None and len(got) > dim:
             got[dim] = len(pos)
@@ -116,26 +183,12 @@ def _read_positioned(reader: WeightReader, metas: dict, layouts, head_dim: int, 
             raise ArtifactError(f"{key}: the checkpoint gives shape {tuple(got)}, the slice needs "
                                 f"{shape}; the weights do not match the artifact's config")
         view = reader.mapped(key, pos, dim, dt) if dim else _mapped_rows(reader, key, pos, dt)
-        if view is not None:
-            sd[key] = view
-        else:
-            copies.append((key, shape, dt, pos, dim))
-    jobs = [(key, fresh_zeros(shape, dt), pos, dim) for key, shape, dt, pos, dim in copies]  # padding stays untouched
-    sd.update({key: out for key, out, _, _ in jobs})
-    workers = max(1, min(READ_THREADS, len(jobs)))
-    share = reader.staging.nbytes // workers  # the staging bytes split, not multiplied
-    parts, loads = [[] for _ in range(workers)], [0] * workers
-    for job in sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size()):  # largest first, to the least loaded
-        w = loads.index(min(loads))
-        parts[w].append(job)
-        loads[w] += job[1].numel() * job[1].element_size()
-
-    def run(part: list) -> None:
-        staging = StagingBuffer(share)
-        for key, out, pos, dim in part:
-            reader.read_into(key, out, pos, dim, staging, zeroed=True)
-
-    return [pool.submit(run, part) for part in parts]  # reads and numpy copies release the GIL
+        if view is None:
+            view = fresh_zeros(shape, dt)  # padding stays untouched
+            jobs.append((key, view, pos, dim))
+        sd[key] = view
+    for key, out, pos, dim in sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size()):
+        copies.read(reader, key, out, pos, dim)
 
 
 def _mapped_rows(reader: WeightReader, key: str, rows: list[int] | None, dtype):
@@ -216,20 +269,21 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     config = compact_config(artifact.config, plan, dtype)
     if windows is not None:
         config.gisp_refit = refit_record(refit, ridge, artifact)
-    model = build_model(config, attn_implementation)
     read_dev = "cpu" if device.type == "cpu" else str(device)
     from_source = not artifact.manifest["weights"]["copied"]
-    copying: list = []  # the copy threads' futures: the model is put together while they fill its tensors
-    with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, \
-            ThreadPoolExecutor(READ_THREADS) as pool:
-        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype,
-                             copy_mapped=plan.kept_params < plan.shape.total_params,
-                             on_device=device.type != "cpu" or gather == "device", pool=pool, copying=copying)
+    copy_mapped = plan.kept_params < plan.shape.total_params
+    on_device = device.type != "cpu" or gather == "device"
+    with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, CopyPool() as copies:
+        started = None  # the model is built and put together while the copies fill its tensors
+        if copy_mapped and not on_device:
+            started = start_sliced_reads(reader, layouts, plan.shape.head_dim, dtype, copies)
+        model = build_model(config, attn_implementation)
+        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype, copy_mapped=copy_mapped,
+                             on_device=on_device, copies=copies, started=started)
         _assemble(model, sd, device)
         del sd
         _load_generation_config(model, artifact.path)
-        for f in copying:
-            f.result()  # the first read error, if any
+        copies.wait()
     if windows is not None:
         dense_config = copy.deepcopy(artifact.config)
         dense_config._attn_implementation = model.config._attn_implementation

@@ -255,3 +255,84 @@ def test_a_failed_copy_fails_the_load(sources, monkeypatch):
     with pytest.raises(ArtifactError, match="truncated"):
         load(src.artifact, plan=hand_plan(src.shape, extreme_plans(src.shape)["mixed"]))  # uneven groups: copied
     assert threading.active_count() == before
+
+
+# ---- the sliced tensors are begun from the checkpoint's own index, before the model is built
+def _artifact_with_weights(tmp_path, edit):
+    """A llama-gqa model whose weights file `edit(tensors)` changed, its random-ranking artifact and its dense model
+    (loaded before the edit)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.factory import make_model_dir
+
+    model_dir = make_model_dir(tmp_path, "llama-gqa")
+    dense = dense_model(model_dir)
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    shape = ModelShape.from_config(dense.config)
+    ranking = prune(None, shape, None, PruneConfig(method="random", max_sparsity=0.7, protect_first=0,
+                                                   protect_last=0))
+    return load_artifact(write_artifact(tmp_path / "art", model_dir, ranking, {"method": "random"})), dense
+
+
+def test_checkpoint_tensors_the_slice_has_no_place_for_are_dropped(tmp_path):
+    """Layer tensors that no compact layer asks for (a q_proj bias this config has none of, a layer beyond the
+    config's, the projections of a layer that keeps nothing) are read or not, and left out: the slice is exact."""
+    def edit(t):
+        t["model.layers.1.self_attn.q_proj.bias"] = torch.ones(32)
+        t["model.layers.7.self_attn.q_proj.weight"] = torch.ones(32, 32)
+
+    art, dense = _artifact_with_weights(tmp_path, edit)
+    plan = hand_plan(art.shape, extreme_plans(art.shape)["mixed"])  # layer 0 keeps nothing; uneven groups copied
+    model = load(art, plan=plan)
+    assert "model.layers.1.self_attn.q_proj.bias" not in dict(model.named_parameters())
+    apply_oracle(dense, plan)
+    assert_matches(model, dense, probe_ids(), generate=False)
+
+
+def test_a_checkpoint_smaller_than_its_ranking_fails_before_reading(tmp_path, monkeypatch):
+    """A q_proj with fewer rows than the slice keeps is one ArtifactError naming the tensor, raised before a copy
+    begins (ShardFile.read_into never called)."""
+    def edit(t):
+        t["model.layers.1.self_attn.q_proj.weight"] = t["model.layers.1.self_attn.q_proj.weight"][:16].clone()
+
+    art, _ = _artifact_with_weights(tmp_path, edit)
+    reads = []
+    monkeypatch.setattr(ShardFile, "read_into", lambda self, name, *a, **k: reads.append(name))
+    with pytest.raises(ArtifactError, match=r"layers\.1\.self_attn\.q_proj\.weight: the slice keeps entry \d+ along "
+                                            r"dim 0, the checkpoint has 16"):
+        load(art, plan=hand_plan(art.shape, extreme_plans(art.shape)["mixed"]))
+    assert reads == []
+
+
+def test_copies_split_the_staging_bytes_between_threads():
+    """Every read holds a staging buffer of its own while it runs, STAGING_BYTES / READ_THREADS, and there are
+    READ_THREADS of them: the loader's peak memory bound (compact model + STAGING_BYTES) does not grow with reads."""
+    import threading
+    import time
+
+    from gisp_deploy.safetensors_file import STAGING_BYTES
+    from gisp_deploy.slicing.loader import READ_THREADS, CopyPool
+
+    held, seen, lock = set(), set(), threading.Lock()
+
+    class Reader:
+        def read_into(self, key, out, positions, dim, staging, zeroed):
+            assert zeroed and staging.nbytes == STAGING_BYTES // READ_THREADS
+            with lock:
+                assert id(staging) not in held  # no two running reads share one
+                held.add(id(staging))
+                seen.add(id(staging))
+            time.sleep(0.01)  # long enough for the reads to overlap
+            out.fill_(1)
+            with lock:
+                held.discard(id(staging))
+
+    outs = [torch.zeros(3) for _ in range(4 * READ_THREADS)]
+    with CopyPool() as copies:
+        for out in outs:
+            copies.read(Reader(), "w", out, None, 0)
+        copies.wait()
+    assert len(seen) == READ_THREADS and all(bool(o.eq(1).all()) for o in outs)
