@@ -21,6 +21,11 @@ compared with the dense load next to it in time:
     peak anon        = peak RssAnon growth during the load (sampled every 2 ms by a thread in the child; VmHWM
                        growth, file pages included, is its upper bound)     goal <= slice bytes + staging buffer
 
+    first-call cost  = first forward - a second one in the same process: what the first paid on top of the
+                       compute, faulting in the mapped weights and setting up kernels (CPU matmul libraries set up
+                       one per distinct weight shape; a slice's layers have many, counted in every record, a dense
+                       model a few)
+
 Medians over repeats with min-max spreads; a warning where repeats of one measurement differ by more than 25%,
 and the machine's load average with every record. --cold drops the weight files from the page cache before
 every load (posix_fadvise DONTNEED: works without root, for files nobody has mapped); default warm cache.
@@ -74,9 +79,15 @@ with torch.no_grad():
     model(ids)
 ready = time.perf_counter() - t
 done.set(); sampler.join()
+t2 = time.perf_counter()
+with torch.no_grad():
+    model(ids)
+second = time.perf_counter() - t2  # weights resident, every kernel set up by the first
+shapes = {(tuple(m.weight.shape), m.weight.stride()) for m in model.modules() if isinstance(m, torch.nn.Linear)}
 peak_anon[0] = max(peak_anon[0], status_mb("RssAnon"))
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"load_s": wall, "ready_s": ready, "forward_s": ready - wall,
+print(json.dumps({"load_s": wall, "ready_s": ready, "forward_s": ready - wall, "second_forward_s": second,
+                  "linear_shapes": len(shapes),
                   "peak_rss_growth_mb": status_mb("VmHWM") - base, "peak_anon_growth_mb": peak_anon[0] - base_anon,
                   "rss_anon_after_mb": status_mb("RssAnon") - base_anon, "rss_file_after_mb": status_mb("RssFile"),
                   "model_mb": nbytes / 2**20, "params": sum(p.numel() for p in model.parameters())}))
@@ -212,6 +223,9 @@ def summarize(name: str, s: float, pairs: list[tuple[dict, dict]], staging_mb: f
             "slice_bw_gb_s": spread([r["slice_bw_gb_s"] for r in recs]),
             "ready_s": spread([x["ready_s"] for x in slices]), "load_s": spread([x["load_s"] for x in slices]),
             "forward_s": spread([x["forward_s"] for x in slices]), "ratio": ratio,
+            "first_call_s": spread([x["forward_s"] - x["second_forward_s"] for x in slices]),
+            "dense_first_call_s": spread([d["forward_s"] - d["second_forward_s"] for d, _ in pairs]),
+            "linear_shapes": slices[0]["linear_shapes"], "dense_linear_shapes": pairs[0][0]["linear_shapes"],
             "ratio_goal_met": ratio["median"] <= 1.1,
             "below_dense_pairs": sum(r["below_dense"] for r in recs),
             "peak_anon_growth_mb": anon,
@@ -276,8 +290,9 @@ def main():
     Path(args.out).write_text(json.dumps({"command": cmd, "commit": _commit(), "note": note, "summary": summary,
                                           "results": rows}, indent=2))
     print("\n| source | sparsity | kept MB | dense ready s | dense GB/s | kept-bytes s | slice ready s | slice GB/s "
-          "| ratio (goal <= 1.1) | peak anon MB (goal <= kept + staging) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio (goal <= 1.1) | peak anon MB (goal <= kept + staging) | first forward - second, s: slice / dense "
+          "(distinct linear shapes) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in summary:
         def f(m, digits=2):
             return f"{m['median']:.{digits}f} ({m['min']:.{digits}f}-{m['max']:.{digits}f}){' !' if m['disagree'] else ''}"
@@ -285,7 +300,9 @@ def main():
               f"{f(r['dense_bw_gb_s'])} | {f(r['kept_bytes_s'])} | {f(r['ready_s'])} | {f(r['slice_bw_gb_s'])} | "
               f"{f(r['ratio'])} "
               f"{'ok' if r['ratio_goal_met'] else 'MISSED'} | {f(r['peak_anon_growth_mb'], 0)} <= "
-              f"{r['anon_bound_mb']:.0f} {'ok' if r['anon_goal_met'] else 'MISSED'} |")
+              f"{r['anon_bound_mb']:.0f} {'ok' if r['anon_goal_met'] else 'MISSED'} | "
+              f"{r['first_call_s']['median']:.2f} / {r['dense_first_call_s']['median']:.2f} "
+              f"({r['linear_shapes']} / {r['dense_linear_shapes']}) |")
     print("(median (min-max) over repeats; ! = repeats differ by more than 25%)")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import queue
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..hf import pick_device
 from ..layout import kept, padding_from_file, select, source_indices, spread
 from ..modeling import build_model, compact_config, materialize_buffers, plan_layouts
 from ..plan import SlicePlan, plan_slice
+from ..rank_order import LAYOUT_KEY, RANK_ORDERED
 from ..refit import DEFAULT_RIDGE
 from ..safetensors_file import STAGING_BYTES, StagingBuffer, fresh_zeros
 from .correction import correct, refit_record, statistics_or_notice
@@ -41,6 +43,7 @@ CORRECTION_BIASES = ("o_proj.bias", "down_proj.bias")  # a corrected slice has t
 READ_THREADS = 2  # threads reading the tensors that are copied: on 2 CPUs, 2 made a 1.5B slice ready 1.2-2.4x as
 #                   fast as 1 (faulting in fresh pages is most of a copy; pre-faulting them with MAP_POPULATE was slower)
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
+_NOTICED: set = set()  # artifacts told they are in source order, in this process
 
 
 class CopyPool:
@@ -276,6 +279,7 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, CopyPool() as copies:
         started = None  # the model is built and put together while the copies fill its tensors
         if copy_mapped and not on_device:
+            _source_order_notice(artifact)
             started = start_sliced_reads(reader, layouts, plan.shape.head_dim, dtype, copies)
         model = build_model(config, attn_implementation)
         sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype, copy_mapped=copy_mapped,
@@ -291,6 +295,17 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
             correct(model, reader, dense_config, layouts, windows, refit, ridge, plan.shape.head_dim,
                     cache_key=artifact.digest)
     return model
+
+
+def _source_order_notice(artifact) -> None:
+    """Once per artifact: a source-order artifact's slices are copied out of the dense tensors, not mapped."""
+    if artifact.manifest.get(LAYOUT_KEY) == RANK_ORDERED or str(artifact.path) in _NOTICED:
+        return
+    _NOTICED.add(str(artifact.path))
+    sys.stderr.write(f"notice: {artifact.path} is in source order, so a slice's kept rows and columns are copied out "
+                     "of every dense tensor (on the CPU 2-3x the time of its bytes; README, 'Load time on the CPU'). "
+                     f"`gisp-deploy reorder {artifact.path} --out DIR` rewrites it once; every slice of the result "
+                     "is mapped from its files like a dense model.\n")
 
 
 def _assemble(model: nn.Module, sd: dict, device) -> None:

@@ -336,3 +336,21 @@ def test_copies_split_the_staging_bytes_between_threads():
             copies.read(Reader(), "w", out, None, 0)
         copies.wait()
     assert len(seen) == READ_THREADS and all(bool(o.eq(1).all()) for o in outs)
+
+
+def test_a_source_order_artifact_is_told_once_how_to_load_faster(tmp_path, capsys):
+    """Loading a source-order artifact on the CPU says once (per process) that `gisp-deploy reorder` makes its
+    slices mapped views; a rank-ordered artifact, or a slice that keeps everything (mapped anyway), says nothing."""
+    from gisp_deploy.pruning.reorder import reorder
+
+    art, _ = _artifact_with_weights(tmp_path, lambda tensors: None)
+    load(art, 0.0)
+    assert "notice:" not in capsys.readouterr().err
+    for s in (0.3, 0.5):
+        load(art, s)
+    err = capsys.readouterr().err
+    assert err.count("notice:") == 1 and f"gisp-deploy reorder {art.path} --out DIR" in err, err
+    ranked = load_artifact(reorder(art.path, tmp_path / "ranked"))
+    capsys.readouterr()
+    load(ranked, 0.3)
+    assert "notice:" not in capsys.readouterr().err
