@@ -308,8 +308,8 @@ def test_a_checkpoint_smaller_than_its_ranking_fails_before_reading(tmp_path, mo
 
 
 def test_copies_split_the_staging_bytes_between_threads():
-    """Every read holds a staging buffer of its own while it runs, STAGING_BYTES / READ_THREADS, and there are
-    READ_THREADS of them: the loader's peak memory bound (compact model + STAGING_BYTES) does not grow with reads."""
+    """Every read runs holding a staging buffer no other running read has, STAGING_BYTES / READ_THREADS, and there
+    are READ_THREADS of them: the loader's peak memory bound (compact model + STAGING_BYTES) does not grow with reads."""
     import threading
     import time
 
@@ -332,8 +332,7 @@ def test_copies_split_the_staging_bytes_between_threads():
 
     outs = [torch.zeros(3) for _ in range(4 * READ_THREADS)]
     with CopyPool() as copies:
-        for out in outs:
-            copies.read(Reader(), "w", out, None, 0)
+        copies.read(Reader(), [("w", out, None, 0) for out in outs])
         copies.wait()
     assert len(seen) == READ_THREADS and all(bool(o.eq(1).all()) for o in outs)
 
