@@ -309,7 +309,7 @@ def _source_order_notice(artifact) -> None:
         return
     _NOTICED.add(str(artifact.path))
     sys.stderr.write(f"notice: {artifact.path} is in source order, so a slice's kept rows and columns are copied out "
-                     "of every dense tensor (on the CPU 2-3x the time of its bytes; README, 'Load time on the CPU'). "
+                     "of every dense tensor (on the CPU 2-4x the time of its bytes; README, 'Load time on the CPU'). "
                      f"`gisp-deploy reorder {artifact.path} --out DIR` rewrites it once; every slice of the result "
                      "is mapped from its files like a dense model.\n")
 
