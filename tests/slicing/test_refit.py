@@ -92,7 +92,7 @@ def test_artifact_without_statistics_loads_plain_with_one_notice(sources, capfd)
     first = load(src.artifact, 0.4, refit="ls")
     second = load(src.artifact, 0.4, refit="ec")
     err = capfd.readouterr().err
-    assert err.count("notice:") == 1 and "no calibration statistics" in err
+    assert err.count("no calibration statistics") == 1  # said once; the source-order notice may come too
     assert first.config.gisp_refit is None and second.config.gisp_refit is None
     assert_matches(first, src.oracle(plan), probe_ids(), generate=False)
     with pytest.raises(ValueError, match="choose none, ls, ec"):
