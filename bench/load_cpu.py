@@ -28,7 +28,10 @@ compared with the dense load next to it in time:
 
 Medians over repeats with min-max spreads; a warning where repeats of one measurement differ by more than 25%,
 and the machine's load average with every record. --cold drops the weight files from the page cache before
-every load (posix_fadvise DONTNEED: works without root, for files nobody has mapped); default warm cache.
+every load (posix_fadvise DONTNEED: works without root, for files nobody has mapped); by default the cache is
+warm: before every load the weight files are read into it where mincore finds any page missing (this machine's
+page cache was seen holding 600 MB of a 2.8 GB artifact just loaded five times), and every record gives the
+resident fraction before and after (resident_before_warming, resident_at_load).
 --dtype float32 (or bfloat16, float16) has both loaders convert to that dtype (from_pretrained(dtype=...),
 gisp_deploy.load(dtype=...)); native, the default, loads each source in its own dtype.
 """
@@ -156,9 +159,7 @@ def ranked(art: Path, work: Path) -> Path:
 
 def drop_cached(art: Path) -> None:
     """Evict the artifact's weight files from the page cache (only pages nobody maps go)."""
-    from gisp_deploy.artifact import load_artifact
-
-    for f in Path(load_artifact(art, verify=False).weights_dir).glob("*.safetensors"):
+    for f in _weight_files(art):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -167,15 +168,81 @@ def drop_cached(art: Path) -> None:
             os.close(fd)
 
 
+def resident_fraction(files: list[Path]) -> float | None:
+    """The fraction of the files' pages in the page cache now (mincore on a fresh read-only mapping of each);
+    None where libc has no mincore."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "mincore"):
+        return None
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    have = total = 0
+    for f in files:
+        size = f.stat().st_size
+        if not size:
+            continue
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap {f}")
+            try:
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, size, vec):
+                    raise OSError(ctypes.get_errno(), f"mincore {f}")
+                have += pages - vec.raw[:pages].count(0)  # the kernel sets only bit 0 (resident) of each byte
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        total += pages
+    return have / total if total else 1.0
+
+
+def warm_cached(art: Path) -> tuple[float | None, float | None]:
+    """Read the artifact's weight files into the page cache where any page of them is missing (this machine's
+    page cache was seen to lose most of a 2.8 GB artifact between loads): the resident fraction before and
+    after, so every "warm" record says how warm it was."""
+    files = _weight_files(art)
+    before = resident_fraction(files)
+    if before is None or before >= 1.0:
+        return before, before
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            at = 0
+            while chunk := os.pread(fd, 8 << 20, at):
+                at += len(chunk)
+        finally:
+            os.close(fd)
+    return before, resident_fraction(files)
+
+
+def _weight_files(art: Path) -> list[Path]:
+    from gisp_deploy.artifact import load_artifact
+
+    return sorted(Path(load_artifact(art, verify=False).weights_dir).glob("*.safetensors"))
+
+
 def probe(mode: str, art: Path, s: float, dtype: str, cold: bool, tokens: int = 8) -> dict:
     if cold:
         drop_cached(art)
+        resident = (None, resident_fraction(_weight_files(art)))
+    else:
+        resident = warm_cached(art)
     load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(art), str(s), dtype, str(tokens)],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"probe {mode} {art} {s} failed:\n{out.stderr[-2000:]}")
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_1m": [load_before, os.getloadavg()[0]]}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "loadavg_1m": [load_before, os.getloadavg()[0]],
+            "resident_before_warming": resident[0], "resident_at_load": resident[1]}
 
 
 def _commit() -> str:
@@ -230,7 +297,15 @@ def summarize(name: str, s: float, pairs: list[tuple[dict, dict]], staging_mb: f
             "below_dense_pairs": sum(r["below_dense"] for r in recs),
             "peak_anon_growth_mb": anon,
             "peak_rss_growth_mb": spread([x["peak_rss_growth_mb"] for x in slices]),
-            "anon_bound_mb": model_mb + staging_mb, "anon_goal_met": anon["max"] <= model_mb + staging_mb}
+            "anon_bound_mb": model_mb + staging_mb, "anon_goal_met": anon["max"] <= model_mb + staging_mb,
+            "resident_at_load_min": min((r["resident_at_load"] for pair in pairs for r in pair
+                                         if r.get("resident_at_load") is not None), default=None)}
+
+
+def _cached_note(*records) -> str:
+    """How much of the weight files was in the page cache before each load of a pair (dense, slice) was warmed."""
+    seen = [r.get("resident_before_warming") for r in records]
+    return "" if None in seen else ", cached before warming " + " / ".join(f"{100 * f:.0f}%" for f in seen)
 
 
 def main():
@@ -281,7 +356,7 @@ def main():
                       f"kept-bytes time "
                       f"{rec['kept_bytes_s']:5.2f} s, ratio {rec['ratio']:4.2f}, peak anon +"
                       f"{x['peak_anon_growth_mb']:6.0f} MB (slice {x['model_mb']:6.0f} MB), load avg "
-                      f"{x['loadavg_1m'][1]:.1f}", flush=True)
+                      f"{x['loadavg_1m'][1]:.1f}{_cached_note(d, x)}", flush=True)
             summary.append({**summarize(name, s, pairs, staging_mb), "dtype": dtype})
     cmd = "python bench/load_cpu.py " + " ".join(sys.argv[1:])
     note = ("warm page cache" if not args.cold else "cold: weight files evicted (posix_fadvise) before each load") + \
