@@ -1,5 +1,5 @@
 """What filling fresh host memory and gathering kept rows / columns cost on this CPU: the numbers behind
-slicing.weights.HostArena (huge pages, populated in one call) and safetensors_file.take (numpy's take).
+safetensors_file.fresh_zeros (huge pages, faulted on first write) and safetensors_file.take (numpy's take).
 
     python bench/host_memory.py [--out bench/results/host_memory.json] [--mb 1800] [--repeats 4]
 
