@@ -1,18 +1,23 @@
 """Load-to-GPU time of a Llama-2-7B-shaped checkpoint: compact slices (gisp_deploy.load) vs transformers dense.
 
-    PYTHONPATH=. python bench/gpu_load.py --out DIR [--work /tmp/gisp-7b] [--layers 32]
+    PYTHONPATH=. python bench/gpu_load.py --out DIR [--work /tmp/gisp-7b] [--layers 32] [--repeats 3]
 
-Writes a random bf16 checkpoint (4 shards) and a random-method ranking once, then times, each in a fresh
-process after a warm-up read: transformers `from_pretrained(..., device_map="cuda")` of the dense model, and
-`gisp_deploy.load(artifact, s, device="cuda")` at s = 0, 0.2, 0.4, 0.5, and the same weights with the ranking
-renumbered into its own order (the slices of a rank-ordered artifact: row prefixes copied from the mapped file,
-only their bytes) at 0.4, 0.5, 0.2; plus logits of each 0.4 slice against the oracle on a short probe.
+Writes a random bf16 checkpoint (4 shards) and a random-method ranking once, plus the same weights with the
+ranking renumbered into its own order (the slices of a rank-ordered artifact: row / column prefixes mapped from
+the file), then times each case in a fresh process, after one warm-up load that reads every file into the page
+cache: transformers `from_pretrained(..., device_map="cuda")` of the dense model; `gisp_deploy.load(artifact, s,
+device="cuda")` cut on the host and uploaded (the default) and with gather="device" (dense tensors read whole onto
+the GPU, gathered by the Triton kernels). The cases run in turns (A B C .. A B C ..), `--repeats` rounds, so every
+ratio to dense compares loads timed in the same window; medians, min-max and a warning when repeats disagree.
+Wall time is from after CUDA init and the imports to the model's weights on the GPU (synchronized). The first
+host-cut 0.4 slice's logits are checked against the oracle on a short probe (after its timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,30 +26,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import json, sys, time, torch
-mode, art, s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+mode, art, s, check, dev = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+cuda = dev == "cuda"
+sync = torch.cuda.synchronize if cuda else (lambda: None)
 from gisp_deploy.artifact import load_artifact
+from gisp_deploy.slicing.loader import load
+from transformers import AutoModelForCausalLM
 a = load_artifact(art)
-torch.cuda.init(); torch.zeros(1, device="cuda")
-torch.cuda.synchronize(); t = time.perf_counter()
+torch.zeros(1, device=dev)
+sync(); t = time.perf_counter()
 if mode == "dense":
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map="cuda")
+    m = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map=dev)
 else:
-    from gisp_deploy.slicing.loader import load
-    m = load(a, s, device="cuda", dtype=torch.bfloat16)
-torch.cuda.synchronize(); wall = time.perf_counter() - t
-out = {"mode": mode, "sparsity": s, "wall_s": round(wall, 3), "gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-       "params_b": round(sum(p.numel() for p in m.parameters()) / 1e9, 3)}
-if mode == "compact" and s == 0.4:
-    import copy
+    m = load(a, s, device=dev, dtype=torch.bfloat16, gather="auto" if mode == "host" else "device")
+sync(); wall = time.perf_counter() - t
+out = {"wall_s": round(wall, 3), "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+       "weights_gb": round(sum(p.numel() * p.element_size() for p in m.parameters()) / 1e9, 3)}
+if check:
     from gisp_deploy.plan import plan_slice
     from gisp_deploy.slicing.oracle import apply_oracle
-    from transformers import AutoModelForCausalLM
-    ids = torch.randint(0, 32000, (1, 32), device="cuda")
+    ids = torch.randint(0, 32000, (1, 32), device=dev)
     with torch.no_grad():
         got = m(ids).logits.float()
     del m
-    dense = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map="cuda")
+    dense = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map=dev)
     apply_oracle(dense, plan_slice(a.ranking, s))
     with torch.no_grad():
         want = dense(ids).logits.float()
@@ -54,7 +59,7 @@ print(json.dumps(out))
 """
 
 
-def make_checkpoint(work: Path, layers: int) -> Path:
+def make_checkpoint(work: Path, layers: int, device: str) -> Path:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -87,7 +92,7 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     for k in range(4):
         fname = f"model-{k + 1:05d}-of-00004.safetensors"
         chunk = names[k * per:(k + 1) * per]
-        tensors = {n: (torch.randn(shapes[n], device="cuda", dtype=torch.bfloat16) * 0.02).cpu() if len(shapes[n]) == 2
+        tensors = {n: (torch.randn(shapes[n], device=device, dtype=torch.bfloat16) * 0.02).cpu() if len(shapes[n]) == 2
                    else torch.ones(shapes[n], dtype=torch.bfloat16) for n in chunk}
         save_file(tensors, str(src / fname), metadata={"format": "pt"})
         wmap.update({n: fname for n in chunk})
@@ -103,31 +108,71 @@ def make_checkpoint(work: Path, layers: int) -> Path:
     return art
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--work", default="/tmp/gisp-7b")
-    ap.add_argument("--layers", type=int, default=32)
-    args = ap.parse_args()
-    art = make_checkpoint(Path(args.work), args.layers)
-    rows = []
+CASES = {  # name: (mode, rank-ordered artifact, sparsity); "dense" is transformers' from_pretrained
+    "dense": ("dense", False, 0.0),
+    "host-0.4": ("host", False, 0.4),
+    "host-0.4-ranked": ("host", True, 0.4),
+    "device-0.4": ("device", False, 0.4),
+    "host-0.0": ("host", False, 0.0),
+    "host-0.5-ranked": ("host", True, 0.5),
+    "host-0.2": ("host", False, 0.2),
+}
+
+
+def probe(mode: str, where: Path, s: float, device: str, check: bool = False) -> dict:
+    res = subprocess.run([sys.executable, "-c", PROBE, mode, str(where), str(s), "1" if check else "0", device],
+                         capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        return {"error": res.stderr[-1500:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(out: str, work: str = "/tmp/gisp-7b", layers: int = 32, repeats: int = 3, cases: list[str] | None = None,
+         device: str = "cuda"):
+    art = make_checkpoint(Path(work), layers, device)
     ranked = art.parent / "artifact-ranked"
-    runs = [("dense", art, 0.0), ("dense", art, 0.0), ("compact", art, 0.0), ("compact", art, 0.2),
-            ("compact", art, 0.4), ("compact", ranked, 0.4), ("dense", art, 0.0), ("compact", art, 0.5),
-            ("compact", ranked, 0.5), ("compact", ranked, 0.2)]
-    for k, (mode, where, s) in enumerate(runs):
-        res = subprocess.run([sys.executable, "-c", PROBE, mode, str(where), str(s)], capture_output=True,
-                             text=True, cwd=ROOT)
-        if res.returncode:
-            rows.append({"mode": mode, "sparsity": s, "error": res.stderr[-1500:]})
-        else:
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        rows[-1].update(warmup=k == 0, layout="rank-ordered" if where == ranked else "source order")
-        print(rows[-1], flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_load.json").write_text(json.dumps({"command": "PYTHONPATH=. python bench/gpu_load.py",
-                                                              "layers": args.layers, "results": rows}, indent=2))
+    names = cases or list(CASES)
+    print("warm-up", probe("dense", art, 0.0, device), flush=True)
+    walls: dict = {n: [] for n in names}
+    rows = []
+    checked = False
+    for r in range(repeats):
+        for name in names:
+            mode, rank_ordered, s = CASES[name]
+            check = mode == "host" and s == 0.4 and not rank_ordered and not checked
+            row = {"case": name, "round": r, **probe(mode, ranked if rank_ordered else art, s, device, check)}
+            checked |= check and "error" not in row
+            rows.append(row)
+            if "wall_s" in row:
+                walls[name].append(row["wall_s"])
+            print(row, flush=True)
+    dense = walls.get("dense") or []
+    summary = {}
+    for name, w in walls.items():
+        if not w:
+            continue
+        entry = {"median_s": statistics.median(w), "min_s": min(w), "max_s": max(w), "n": len(w)}
+        if max(w) > 1.5 * min(w):
+            entry["warning"] = "repeats disagree (max > 1.5 x min)"
+        if dense and len(dense) == len(w) and name != "dense":
+            ratios = [a / b for a, b in zip(w, dense)]  # each against the dense load of its own round
+            entry["ratio_to_dense_median"] = round(statistics.median(ratios), 3)
+            entry["ratio_to_dense_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        summary[name] = entry
+        print(f"{name:30s} {entry}", flush=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "gpu_load.json").write_text(json.dumps({
+        "command": "PYTHONPATH=. python bench/gpu_load.py " + " ".join(sys.argv[1:]), "layers": layers,
+        "repeats": repeats, "summary": summary, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/gisp-7b")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)} (default: all)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (use --layers 1)")
+    a = ap.parse_args()
+    main(a.out, a.work, a.layers, a.repeats, a.cases.split(",") if a.cases else None, a.device)

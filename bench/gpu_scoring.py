@@ -38,7 +38,7 @@ import torch
 
 from gisp_deploy.data import Calibration
 from gisp_deploy.families import ModelShape
-from gisp_deploy.pruning.methods import PruneConfig, PruneState, Remover
+from gisp_deploy.pruning.methods import PruneConfig, PruneState, Removal, Remover
 from gisp_deploy.pruning.objectives import LeadingCache, fit_batch_size, objective_gradient
 from gisp_deploy.pruning.scoring import normalize, scores_kv
 from gisp_deploy.pruning.shrinking import ShrinkingModel
@@ -209,7 +209,7 @@ def main():
             del grads
         del model, sm, w
     masked = copy.deepcopy(dense)
-    Remover(masked, shape, "q_head", PruneState(removed=[(*r, 0, 0.0) for r in check_removed]))  # zeroes them
+    Remover(masked, shape, "q_head", PruneState(removed=[Removal(*r, 0, 0.0) for r in check_removed]))  # zeroes them
     grads = objective_gradient(masked, ShrinkingModel(masked, shape, "q_head", 64).weights(range(shape.num_layers), with_kv),
                                calib, check_batch)
     masked_scores = ShrinkingModel(masked, shape, "q_head", 64).scores(grads, unprotected, with_kv)

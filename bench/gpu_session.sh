@@ -44,7 +44,7 @@ step() {
 }
 step "gather bandwidth" 120 python bench/gpu_gather.py --out "$OUT" --profile
 step "scoring throughput" 200 python bench/gpu_scoring.py --out "$OUT"
-step "load to GPU (7B shape)" 200 python bench/gpu_load.py --out "$OUT"
+step "load to GPU (7B-shaped layers, 16 of 32)" 200 python bench/gpu_load.py --out "$OUT" --layers 16 --repeats 2 --cases dense,host-0.4,host-0.4-ranked,device-0.4
 step "gpu tests" 90 python -m pytest -q -m gpu -p no:cacheprovider tests
 step "prune smoke on cuda" 60 python bench/gpu_smoke.py --out "$OUT"
 step "decode speed, static cache + compile (7B shape)" 300 python bench/gpu_decode.py --out "$OUT"

@@ -9,15 +9,17 @@ of kept columns (o_proj's padded groups) copied from the mapped file, scattered 
 the mapped file (through staging buffers, STAGING_BYTES in all, where an entry cannot be mapped), by two
 threads (CopyPool) while the model is built and put together: the sliced tensors are begun from the checkpoint's
 own index before the model exists (start_sliced_reads). So peak anonymous memory is the compact model plus at
-most those buffers. On CUDA the dense tensors are read whole
-onto the device and gathered there by the ragged Triton kernels, all tensors of each GATHER_BUDGET bytes
-(several layers) in one launch for rows and one for columns. A slice that keeps everything is memory-mapped, as
-transformers does.
+most those buffers. On a GPU the same host-cut tensors
+are then copied over by upload.py (only the compact bytes cross the bus). gather="device" instead reads the
+dense tensors whole onto the device and gathers them there by the ragged Triton kernels, all tensors of each
+GATHER_BUDGET bytes (several layers) in one launch for rows and one for columns. A slice that keeps everything is
+memory-mapped, as transformers does.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +39,13 @@ from ..rank_order import LAYOUT_KEY, RANK_ORDERED
 from ..refit import DEFAULT_RIDGE
 from ..safetensors_file import STAGING_BYTES, StagingBuffer, fresh_zeros
 from .correction import correct, refit_record, statistics_or_notice
+from .upload import upload
 from .weights import WeightReader
 
 CORRECTION_BIASES = ("o_proj.bias", "down_proj.bias")  # a corrected slice has them whatever its family's rules
-READ_THREADS = 2  # threads reading the tensors that are copied: on 2 CPUs, 2 made a 1.5B slice ready 1.2-2.4x as
-#                   fast as 1 (faulting in fresh pages is most of a copy; pre-faulting them with MAP_POPULATE was slower)
+READ_THREADS = max(2, min(8, os.cpu_count() or 2))  # threads reading the tensors that are copied: on 2 CPUs, 2
+#   made a 1.5B slice ready 1.2-2.4x as fast as 1 (faulting in fresh pages is most of a copy; pre-faulting them with
+#   MAP_POPULATE was slower); a larger host (a GPU's) gets one per CPU, up to 8
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 _NOTICED: set = set()  # artifacts told they are in source order, in this process
 
@@ -253,8 +257,10 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
     `fit_memory` / `fit_params` / `fit_speedup`: budget.fit, with `fit_options` its other keywords) as a compact
     model; `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
-    gather="device" reads dense tensors whole and gathers them with the ragged kernels, as on CUDA, also on the
-    CPU (there through Triton's interpreter when TRITON_INTERPRET=1: slow, for tests).
+    On a GPU the slice is cut on the host as on the CPU and only its compact tensors are copied over (upload.py:
+    threads, pinned buffers), so a slice moves its own bytes, not the dense model's. gather="device" reads
+    dense tensors whole onto the device and gathers them there with the ragged kernels (on the CPU through
+    Triton's interpreter when TRITON_INTERPRET=1: slow, for tests).
     refit="ls" | "ec" corrects o_proj / down_proj from the artifact's calibration windows (slicing/correction.py,
     `ridge` relative, see gisp_deploy/refit.py); an artifact without them loads plain, with a notice."""
     device = pick_device(str(device))  # "cuda" without a GPU: one clear error before any work, not pin_memory's
@@ -278,18 +284,22 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     config = compact_config(artifact.config, plan, dtype)
     if windows is not None:
         config.gisp_refit = refit_record(refit, ridge, artifact)
-    read_dev = "cpu" if device.type == "cpu" else str(device)
+    on_device = gather == "device"  # else sliced on the host, and only the compact tensors go to the device
+    read_dev = str(device) if on_device and device.type != "cpu" else "cpu"
     from_source = not artifact.manifest["weights"]["copied"]
     copy_mapped = plan.kept_params < plan.shape.total_params
-    on_device = device.type != "cpu" or gather == "device"
     with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, CopyPool() as copies:
         started = None  # the model is built and put together while the copies fill its tensors
         if copy_mapped and not on_device:
             _source_order_notice(artifact)
             started = start_sliced_reads(reader, layouts, plan.shape.head_dim, dtype, copies)
         model = build_model(config, attn_implementation)
-        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, device, dtype, copy_mapped=copy_mapped,
+        host = "cpu" if not on_device else device
+        sd = read_state_dict(reader, model, layouts, plan.shape.head_dim, host, dtype, copy_mapped=copy_mapped,
                              on_device=on_device, copies=copies, started=started)
+        if device.type != "cpu" and not on_device:
+            copies.wait()
+            sd = upload(sd, device)
         _assemble(model, sd, device)
         del sd
         _load_generation_config(model, artifact.path)

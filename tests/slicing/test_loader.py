@@ -225,6 +225,22 @@ def test_device_gathers_equal_positioned_reads(sources, name, monkeypatch):
         load(src.artifact, plan=plan, gather="gpu")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cuda_slices_equal_the_cpu_ones(sources, name):
+    """On CUDA, cut on the host and uploaded (the default) or gathered on the device: the CPU slice, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    src = sources(name)
+    for s in (0.0, 0.35, 0.7):
+        want = load(src.artifact, s).state_dict()
+        for gather in ("auto", "device"):
+            got = load(src.artifact, s, device="cuda", gather=gather).state_dict()
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].is_cuda and torch.equal(got[key].cpu(), want[key]), (s, gather, key)
+
+
 def test_errors_and_lazy_export(sources):
     import gisp_deploy
 
