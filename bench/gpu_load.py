@@ -6,11 +6,12 @@ Writes a random bf16 checkpoint (4 shards) and a random-method ranking once, plu
 ranking renumbered into its own order (the slices of a rank-ordered artifact: row / column prefixes mapped from
 the file), then times each case in a fresh process, after one warm-up load that reads every file into the page
 cache: transformers `from_pretrained(..., device_map="cuda")` of the dense model; `gisp_deploy.load(artifact, s,
-device="cuda")` cut on the host and uploaded (the default) and with gather="device" (dense tensors read whole onto
-the GPU, gathered by the Triton kernels). The cases run in turns (A B C .. A B C ..), `--repeats` rounds, so every
+device="cuda")` as it loads by default (a rank-ordered slice cut on the host and its compact tensors uploaded,
+a source-order one read whole onto the GPU and gathered there) and with gather="device" (the Triton gathers). The cases run in turns (A B C .. A B C ..), `--repeats` rounds, so every
 ratio to dense compares loads timed in the same window; medians, min-max and a warning when repeats disagree.
 Wall time is from after CUDA init and the imports to the model's weights on the GPU (synchronized). The first
-host-cut 0.4 slice's logits are checked against the oracle on a short probe (after its timing).
+default 0.4 slice's logits are checked against the oracle on a short probe (after its timing). The JSON is
+rewritten after every load, so a run stopped by its time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ sync(); t = time.perf_counter()
 if mode == "dense":
     m = AutoModelForCausalLM.from_pretrained(a.weights_dir, dtype=torch.bfloat16, device_map=dev)
 else:
-    m = load(a, s, device=dev, dtype=torch.bfloat16, gather="auto" if mode == "host" else "device")
+    m = load(a, s, device=dev, dtype=torch.bfloat16, gather=mode)
 sync(); wall = time.perf_counter() - t
 out = {"wall_s": round(wall, 3), "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
        "weights_gb": round(sum(p.numel() * p.element_size() for p in m.parameters()) / 1e9, 3)}
@@ -108,14 +110,14 @@ def make_checkpoint(work: Path, layers: int, device: str) -> Path:
     return art
 
 
-CASES = {  # name: (mode, rank-ordered artifact, sparsity); "dense" is transformers' from_pretrained
+CASES = {  # name: (gather, rank-ordered artifact, sparsity); "dense" is transformers' from_pretrained
     "dense": ("dense", False, 0.0),
-    "host-0.4": ("host", False, 0.4),
-    "host-0.4-ranked": ("host", True, 0.4),
-    "device-0.4": ("device", False, 0.4),
-    "host-0.0": ("host", False, 0.0),
-    "host-0.5-ranked": ("host", True, 0.5),
-    "host-0.2": ("host", False, 0.2),
+    "auto-0.4": ("auto", False, 0.4),  # the default on CUDA: a source-order slice gathered on the device
+    "auto-0.4-ranked": ("auto", True, 0.4),  # a rank-ordered one cut on the host, its compact tensors uploaded
+    "device-0.4-ranked": ("device", True, 0.4),
+    "auto-0.0": ("auto", False, 0.0),
+    "auto-0.5-ranked": ("auto", True, 0.5),
+    "auto-0.2-ranked": ("auto", True, 0.2),
 }
 
 
@@ -129,41 +131,55 @@ def probe(mode: str, where: Path, s: float, device: str, check: bool = False) ->
 
 def main(out: str, work: str = "/tmp/gisp-7b", layers: int = 32, repeats: int = 3, cases: list[str] | None = None,
          device: str = "cuda"):
+    t = time.perf_counter()
     art = make_checkpoint(Path(work), layers, device)
+    print(f"checkpoint ready in {time.perf_counter() - t:.1f} s", flush=True)
     ranked = art.parent / "artifact-ranked"
     names = cases or list(CASES)
-    print("warm-up", probe("dense", art, 0.0, device), flush=True)
-    walls: dict = {n: [] for n in names}
-    rows = []
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"error: unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    report = {"command": "PYTHONPATH=. python bench/gpu_load.py " + " ".join(sys.argv[1:]), "layers": layers,
+              "repeats": repeats, "warm_up": probe("dense", art, 0.0, device), "summary": {}, "results": []}
+    print("warm-up", report["warm_up"], flush=True)
     checked = False
     for r in range(repeats):
         for name in names:
             mode, rank_ordered, s = CASES[name]
-            check = mode == "host" and s == 0.4 and not rank_ordered and not checked
+            check = mode == "auto" and s == 0.4 and not checked
             row = {"case": name, "round": r, **probe(mode, ranked if rank_ordered else art, s, device, check)}
             checked |= check and "error" not in row
-            rows.append(row)
-            if "wall_s" in row:
-                walls[name].append(row["wall_s"])
+            report["results"].append(row)
             print(row, flush=True)
-    dense = walls.get("dense") or []
+            report["summary"] = summarize(report["results"], names)
+            write(out, report)  # after every load: a run cut short keeps what it measured
+    for name, entry in report["summary"].items():
+        print(f"{name:16s} {entry}", flush=True)
+
+
+def summarize(rows: list[dict], names: list[str]) -> dict:
+    """Per case: median, min-max of its walls; its ratio to the dense load of the same round (median, min-max)."""
+    walls = {n: {row["round"]: row["wall_s"] for row in rows if row["case"] == n and "wall_s" in row} for n in names}
+    dense = walls.get("dense", {})
     summary = {}
-    for name, w in walls.items():
-        if not w:
+    for name, by_round in walls.items():
+        if not by_round:
             continue
+        w = list(by_round.values())
         entry = {"median_s": statistics.median(w), "min_s": min(w), "max_s": max(w), "n": len(w)}
         if max(w) > 1.5 * min(w):
             entry["warning"] = "repeats disagree (max > 1.5 x min)"
-        if dense and len(dense) == len(w) and name != "dense":
-            ratios = [a / b for a, b in zip(w, dense)]  # each against the dense load of its own round
+        ratios = [by_round[r] / dense[r] for r in by_round if r in dense] if name != "dense" else []
+        if ratios:
             entry["ratio_to_dense_median"] = round(statistics.median(ratios), 3)
             entry["ratio_to_dense_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
         summary[name] = entry
-        print(f"{name:30s} {entry}", flush=True)
+    return summary
+
+
+def write(out: str, report: dict) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "gpu_load.json").write_text(json.dumps({
-        "command": "PYTHONPATH=. python bench/gpu_load.py " + " ".join(sys.argv[1:]), "layers": layers,
-        "repeats": repeats, "summary": summary, "results": rows}, indent=2))
+    (Path(out) / "gpu_load.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

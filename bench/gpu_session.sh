@@ -3,8 +3,8 @@
 #   OUT=/tmp/gpu BUDGET=540 bash bench/gpu_session.sh
 # A device command may run 600 s, so the steps share one deadline (BUDGET seconds from the start): each gets
 # at most its own limit and what is left, a step that would get under 20 s is skipped, and the steps run in
-# the order of what the open issues still need measured (gather bandwidth and 7B load: issue 3; scoring
-# throughput: issue 7), then the GPU tests, the CUDA prune smoke test, decode speed. The whole log is kept in
+# the order of what the open issues still need measured: load to GPU (issue 18), the GPU tests, scoring
+# throughput, gather bandwidth, the CUDA prune smoke test, decode speed. The whole log is kept in
 # $OUT/session.log, so a step cut short still reports what it printed.
 set -u
 OUT=${OUT:-gpu-out}
@@ -42,10 +42,10 @@ step() {
   (( rc == 124 )) && echo "=== TIMED OUT after ${limit} s" >> "$LOG"
   echo "=== $name: rc=$rc in $(( $(date +%s) - t )) s" | tee -a "$LOG"
 }
-step "gather bandwidth" 120 python bench/gpu_gather.py --out "$OUT" --profile
-step "scoring throughput" 200 python bench/gpu_scoring.py --out "$OUT"
-step "load to GPU (7B-shaped layers, 16 of 32)" 200 python bench/gpu_load.py --out "$OUT" --layers 16 --repeats 2 --cases dense,host-0.4,host-0.4-ranked,device-0.4
+step "load to GPU (7B-shaped layers, 8 of 32)" 240 python bench/gpu_load.py --out "$OUT" --layers 8 --repeats 3 --cases dense,auto-0.4-ranked,auto-0.4
 step "gpu tests" 90 python -m pytest -q -m gpu -p no:cacheprovider tests
+step "scoring throughput" 200 python bench/gpu_scoring.py --out "$OUT"
+step "gather bandwidth" 120 python bench/gpu_gather.py --out "$OUT" --profile
 step "prune smoke on cuda" 60 python bench/gpu_smoke.py --out "$OUT"
 step "decode speed, static cache + compile (7B shape)" 300 python bench/gpu_decode.py --out "$OUT"
 echo "=== done, $(( BUDGET - (DEADLINE - $(date +%s)) )) s of BUDGET=${BUDGET}" | tee -a "$LOG"

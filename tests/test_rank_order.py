@@ -131,3 +131,19 @@ def test_device_gather_path_takes_row_prefixes_from_the_file(pairs):
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, load(orig, 0.45)(ids).logits, atol=1e-5, rtol=0)
     assert got.state_dict().keys() == want.keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cuda_loads_of_a_rank_ordered_artifact_equal_the_cpu_ones(pairs, name):
+    """Cut on the host and uploaded (its default on CUDA) or gathered on the device: the CPU slice, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _, ranked = pairs(name)
+    for s in SPARSITIES:
+        want = load(ranked, s).state_dict()
+        for gather in ("auto", "device"):
+            got = load(ranked, s, device="cuda", gather=gather).state_dict()
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].is_cuda and torch.equal(got[key].cpu(), want[key]), (s, gather, key)

@@ -6,12 +6,12 @@ file's dtype (whole tensors; the prefixes of a rank-ordered artifact; padded que
 can be the file's next ones, layout.padding_from_file), and read with positioned reads into fresh compact
 tensors otherwise (safetensors_file.ShardFile.read_into): long runs of kept rows straight in, long runs
 of kept columns (o_proj's padded groups) copied from the mapped file, scattered rows and columns gathered from
-the mapped file (through staging buffers, STAGING_BYTES in all, where an entry cannot be mapped), by two
+the mapped file (through staging buffers, STAGING_BYTES in all, where an entry cannot be mapped), by READ_THREADS
 threads (CopyPool) while the model is built and put together: the sliced tensors are begun from the checkpoint's
 own index before the model exists (start_sliced_reads). So peak anonymous memory is the compact model plus at
-most those buffers. On a GPU the same host-cut tensors
-are then copied over by upload.py (only the compact bytes cross the bus). gather="device" instead reads the
-dense tensors whole onto the device and gathers them there by the ragged Triton kernels, all tensors of each
+most those buffers. On a GPU a rank-ordered slice's
+host-cut tensors are copied over by upload.py (only the compact bytes cross the bus); a source-order slice (or
+gather="device") has its dense tensors read whole onto the device and gathered there by the ragged Triton kernels, all tensors of each
 GATHER_BUDGET bytes (several layers) in one launch for rows and one for columns. A slice that keeps everything is
 memory-mapped, as transformers does.
 """
@@ -257,10 +257,11 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     """The slice of `artifact` (an Artifact or its path) at `sparsity` (or `plan`, or the largest that fits
     `fit_memory` / `fit_params` / `fit_speedup`: budget.fit, with `fit_options` its other keywords) as a compact
     model; `tp_size` / `channel_multiple` round each layer's widths for deployment (see plan.plan_slice).
-    On a GPU the slice is cut on the host as on the CPU and only its compact tensors are copied over (upload.py:
-    threads, pinned buffers), so a slice moves its own bytes, not the dense model's. gather="device" reads
-    dense tensors whole onto the device and gathers them there with the ragged kernels (on the CPU through
-    Triton's interpreter when TRITON_INTERPRET=1: slow, for tests).
+    On a GPU a rank-ordered slice (or one that keeps everything) is cut on the host as on the CPU and only its
+    compact tensors are copied over (upload.py: threads, pinned buffers), so it moves its own bytes, not the dense
+    model's. A source-order slice there, or any slice with gather="device", has its dense tensors read whole onto
+    the device and gathered with the ragged kernels (on the CPU through Triton's interpreter when
+    TRITON_INTERPRET=1: slow, for tests).
     refit="ls" | "ec" corrects o_proj / down_proj from the artifact's calibration windows (slicing/correction.py,
     `ridge` relative, see gisp_deploy/refit.py); an artifact without them loads plain, with a notice."""
     device = pick_device(str(device))  # "cuda" without a GPU: one clear error before any work, not pin_memory's
@@ -284,14 +285,17 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
     config = compact_config(artifact.config, plan, dtype)
     if windows is not None:
         config.gisp_refit = refit_record(refit, ridge, artifact)
-    on_device = gather == "device"  # else sliced on the host, and only the compact tensors go to the device
-    read_dev = str(device) if on_device and device.type != "cpu" else "cpu"
     from_source = not artifact.manifest["weights"]["copied"]
     copy_mapped = plan.kept_params < plan.shape.total_params
+    rank_ordered = artifact.manifest.get(LAYOUT_KEY) == RANK_ORDERED
+    if copy_mapped and not rank_ordered:
+        _source_order_notice(artifact)
+    # on a GPU a source-order slice's tensors are gathered there: cut on the host they took 1.6x as long (H200)
+    on_device = gather == "device" or (device.type != "cpu" and copy_mapped and not rank_ordered)
+    read_dev = str(device) if on_device and device.type != "cpu" else "cpu"
     with WeightReader(artifact.weights_dir, read_dev, links_may_leave=from_source) as reader, CopyPool() as copies:
         started = None  # the model is built and put together while the copies fill its tensors
         if copy_mapped and not on_device:
-            _source_order_notice(artifact)
             started = start_sliced_reads(reader, layouts, plan.shape.head_dim, dtype, copies)
         model = build_model(config, attn_implementation)
         host = "cpu" if not on_device else device
@@ -315,11 +319,12 @@ def load(artifact, sparsity: float | None = None, *, device="cpu", dtype: torch.
 
 def _source_order_notice(artifact) -> None:
     """Once per artifact: a source-order artifact's slices are copied out of the dense tensors, not mapped."""
-    if artifact.manifest.get(LAYOUT_KEY) == RANK_ORDERED or str(artifact.path) in _NOTICED:
+    if str(artifact.path) in _NOTICED:
         return
     _NOTICED.add(str(artifact.path))
     sys.stderr.write(f"notice: {artifact.path} is in source order, so a slice's kept rows and columns are copied out "
-                     "of every dense tensor (on the CPU 2-4x the time of its bytes; README, 'Load time on the CPU'). "
+                     "of every dense tensor (2-4x the time of its bytes on the CPU, slower than the dense model on a "
+                     "GPU; README, 'Load time'). "
                      f"`gisp-deploy reorder {artifact.path} --out DIR` rewrites it once; every slice of the result "
                      "is mapped from its files like a dense model.\n")
 
