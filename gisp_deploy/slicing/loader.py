@@ -19,7 +19,6 @@ memory-mapped, as transformers does.
 from __future__ import annotations
 
 import copy
-import os
 import queue
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -39,13 +38,12 @@ from ..rank_order import LAYOUT_KEY, RANK_ORDERED
 from ..refit import DEFAULT_RIDGE
 from ..safetensors_file import STAGING_BYTES, StagingBuffer, fresh_zeros
 from .correction import correct, refit_record, statistics_or_notice
-from .upload import upload
+from .upload import HOST_THREADS, balanced, upload
 from .weights import WeightReader
 
 CORRECTION_BIASES = ("o_proj.bias", "down_proj.bias")  # a corrected slice has them whatever its family's rules
-READ_THREADS = max(2, min(8, os.cpu_count() or 2))  # threads reading the tensors that are copied: on 2 CPUs, 2
-#   made a 1.5B slice ready 1.2-2.4x as fast as 1 (faulting in fresh pages is most of a copy; pre-faulting them with
-#   MAP_POPULATE was slower); a larger host (a GPU's) gets one per CPU, up to 8
+READ_THREADS = HOST_THREADS  # threads reading the tensors that are copied: on 2 CPUs, 2 made a 1.5B slice ready
+#   1.2-2.4x as fast as 1 (faulting in fresh pages is most of a copy; pre-faulting them with MAP_POPULATE was slower)
 GATHER_BUDGET = 2 << 30  # bytes of dense tensors held on the device per round of gathers (one launch per kind)
 _NOTICED: set = set()  # artifacts told they are in source order, in this process
 
@@ -66,11 +64,7 @@ class CopyPool:
         """Begin filling each fresh-zero `out` of `jobs`, (key, out, positions, dim), with `key`'s entries at
         `positions` along `dim` (padding left zero): largest first, split by bytes into one task per thread (with
         one task a tensor, submitting them took a float32 0.2 slice of a 1.5B 300-400 ms instead of 30-45)."""
-        parts, loads = [[] for _ in range(READ_THREADS)], [0] * READ_THREADS
-        for job in sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size()):  # to the least loaded
-            w = loads.index(min(loads))
-            parts[w].append(job)
-            loads[w] += job[1].numel() * job[1].element_size()
+        parts = balanced(jobs, lambda job: job[1].nbytes, READ_THREADS)
         self._futures.extend(self._pool.submit(self._read, reader, part) for part in parts if part)
 
     def _read(self, reader, part: list) -> None:

@@ -11,11 +11,12 @@ import torch
 
 from ..safetensors_file import BITS
 
-UPLOAD_THREADS = max(2, min(8, os.cpu_count() or 2))  # each one faults in mapped pages and copies in parallel
+HOST_THREADS = max(2, min(8, os.cpu_count() or 2))  # host copy threads: one per CPU, 2 to 8 (page faults and
+#                                                      copies run in parallel; numpy releases the GIL)
 CHUNK_BYTES = 32 << 20  # each thread's two pinned buffers: one filled while the other's copy to the GPU runs
 
 
-def upload(tensors: dict[str, torch.Tensor], device: torch.device, *, threads: int = UPLOAD_THREADS,
+def upload(tensors: dict[str, torch.Tensor], device: torch.device, *, threads: int = HOST_THREADS,
            chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """`tensors` (host tensors, views of mapped files included, strided or not) copied bit for bit onto `device`,
     same keys, shapes and dtypes. Each of `threads` threads copies its share (balanced by bytes, largest first)
@@ -24,11 +25,7 @@ def upload(tensors: dict[str, torch.Tensor], device: torch.device, *, threads: i
     A host tensor is read once and never kept: host memory grows by the pinned buffers only.
     Off CUDA the same blocks go through plain buffers (the path the CPU tests check)."""
     out = {key: torch.empty(t.shape, dtype=t.dtype, device=device) for key, t in tensors.items()}
-    parts, loads = [[] for _ in range(threads)], [0] * threads
-    for key in sorted(tensors, key=lambda k: -_nbytes(tensors[k])):
-        w = loads.index(min(loads))
-        parts[w].append(key)
-        loads[w] += _nbytes(tensors[key])
+    parts = balanced(list(tensors), lambda key: tensors[key].nbytes, threads)
     row_max = max((_row_bytes(t) for t in tensors.values()), default=0)
     buffer_bytes = max(chunk_bytes, row_max)
     with ThreadPoolExecutor(threads) as pool:
@@ -67,8 +64,15 @@ def _upload_part(pairs: list, device: torch.device, buffer_bytes: int) -> None:
         stream.synchronize()
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def balanced(items: list, nbytes, parts: int) -> list[list]:
+    """`items` split into `parts` lists of about equal `nbytes(item)` in all: largest first, each to the list with
+    the fewest bytes so far (lists may be empty)."""
+    out, loads = [[] for _ in range(parts)], [0] * parts
+    for item in sorted(items, key=lambda i: -nbytes(i)):
+        w = loads.index(min(loads))
+        out[w].append(item)
+        loads[w] += nbytes(item)
+    return out
 
 
 def _row_bytes(t: torch.Tensor) -> int:
